@@ -1,0 +1,94 @@
+"""Engine configuration: one validated dataclass with vLLM's argument names.
+
+The same object configures the in-process engine (`LLM(model, **engine_args)`) and
+every service (`folio serve|scheduler|executor` flags map 1:1 onto its fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An engine argument is invalid; the message names the argument."""
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's own context length
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_space: float = 1.0  # GiB of KV cache on CPU
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None  # fixed block count, any device (tests)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 2048 on CPU, 8192 on GPU
+    tensor_parallel_size: int = 1
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no CUDA graphs
+    download_dir: str | None = None  # cache for converted GGUF models
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}: {msg}")
+
+        check(isinstance(self.model, str) and self.model != "", "model", "must be a non-empty string")
+        check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+        check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            "attention_backend",
+            f"must be one of {ATTENTION_BACKENDS}",
+        )
+        check(self.block_size >= 1 and self.block_size <= 256, "block_size", "must be in [1, 256]")
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(
+            self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            "must be >= 1",
+        )
+        check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
+        check(self.kv_cache_space > 0, "kv_cache_space", "must be > 0 GiB")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        check(
+            self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
+            "num_gpu_blocks_override",
+            "must be >= 2",
+        )
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in `model` (vLLM: --served-model-name, else the model argument)."""
+        return self.served_model_name or self.model
+
+    def resolved_max_num_batched_tokens(self, on_gpu: bool) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if on_gpu else 2048
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)

@@ -1,0 +1,150 @@
+"""Wire protocol: typed msgpack messages between gateway, scheduler and executors.
+
+Every struct is array-like (compact) and decoding validates types, so a malformed
+message is rejected as a whole. Messages that start work carry `traceparent`.
+
+    gateway ──GenerateRequest──▶ {ns}:requests        (stream, group "schedulers")
+    gateway ──AbortRequest─────▶ {ns}:aborts          (pub/sub)
+    scheduler ──StepPlan───────▶ {ns}:engine:{e}:steps
+    executor ──StepResult──────▶ {ns}:engine:{e}:results
+    executor ──TokenBatch──────▶ {ns}:gateway:{g}:tokens (pub/sub)
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from shared.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 1  # EOS, a stop token id, or a stop string
+    LENGTH = 2  # max_tokens or max_model_len
+    ABORT = 3  # client went away or was aborted
+
+    @property
+    def openai(self) -> str:
+        return {1: "stop", 2: "length", 3: "abort"}[int(self)]
+
+
+class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    pass
+
+
+# ---------------------------------------------------------------- gateway → scheduler
+class GenerateRequest(_Msg):
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    reply_to: str = ""  # the gateway's token channel
+    arrival_time: float = 0.0
+    traceparent: str = ""
+
+
+class AbortRequest(_Msg):
+    req_ids: list[str]
+
+
+# ---------------------------------------------------------------- scheduler → executors
+class NewRequestData(_Msg):
+    """Sent once when a request is (re)scheduled; afterwards only CachedRequestData diffs.
+
+    A preempted request comes back as new: its output so far rides in `output_token_ids`
+    (penalties need it) and is recomputed as if it were prompt.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    output_token_ids: list[int] = []
+    reply_to: str = ""
+    traceparent: str = ""
+
+
+class CachedRequestData(_Msg):
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class StepPlan(_Msg):
+    """One engine step: which requests run, how many tokens each.
+
+    `num_scheduled_tokens[req_id]` tokens starting at that request's
+    `num_computed_tokens` are computed this step. A request samples a token when the
+    step reaches the end of its known tokens (prompt + output so far); a mid-prompt
+    chunk samples nothing. `num_draft_tokens` is reserved for speculative decoding.
+    """
+
+    step_id: int
+    new_requests: list[NewRequestData] = []
+    cached_requests: list[CachedRequestData] = []
+    num_scheduled_tokens: dict[str, int] = {}
+    finished_req_ids: list[str] = []  # finished, aborted or preempted since last step: free state
+    total_num_scheduled_tokens: int = 0
+    shutdown: bool = False
+
+
+class Logprobs(_Msg):
+    """Logprobs of one sampled token: the token's own, then the top-n (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class StepResult(_Msg):
+    step_id: int
+    req_ids: list[str] = []  # requests that sampled this step, in order
+    sampled_token_ids: list[list[int]] = []  # one list per request (several with spec decoding)
+    logprobs: list[list[Logprobs]] = []  # parallel to sampled_token_ids where asked; else []
+    error: str = ""  # a failed step: the scheduler aborts the step's requests with this message
+
+
+# ---------------------------------------------------------------- executor → gateway
+class TokenDelta(_Msg):
+    req_id: str
+    token_ids: list[int]
+    logprobs: list[Logprobs] = []
+    finish_reason: int = 0  # 0: not finished; else FinishReason
+    num_prompt_tokens: int = 0
+    error: str = ""
+
+
+class TokenBatch(_Msg):
+    deltas: list[TokenDelta]
+
+
+# ---------------------------------------------------------------- registration
+class EngineInfo(_Msg):
+    engine_id: str
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    model_name: str
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def decode(data: bytes, type_: type[msgspec.Struct]):
+    """Decode and validate; raises msgspec.ValidationError / DecodeError on bad input."""
+    dec = _decoders.get(type_)
+    if dec is None:
+        dec = _decoders[type_] = msgspec.msgpack.Decoder(type_)
+    return dec.decode(data)

@@ -1,0 +1,37 @@
+"""When a request stops: one pure function shared by the scheduler and the executors.
+
+Both sides apply it to the same tokens, so the executor can stream a token together
+with its finish reason while the scheduler frees the request's blocks in the same step.
+Stop *strings* are checked where text exists (gateway, in-process engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.protocol import FinishReason
+from shared.sampling_params import SamplingParams
+
+
+def check_stop(
+    output_token_ids: Sequence[int],
+    num_prompt_tokens: int,
+    params: SamplingParams,
+    eos_token_ids: Sequence[int] | frozenset[int],
+    max_model_len: int,
+) -> FinishReason | None:
+    """Finish reason after the last token of `output_token_ids` was appended, or None."""
+    n = len(output_token_ids)
+    if n == 0:
+        return None
+    last = output_token_ids[-1]
+    if n > params.min_tokens:
+        if not params.ignore_eos and last in eos_token_ids:
+            return FinishReason.STOP
+        if last in params.stop_token_ids:
+            return FinishReason.STOP
+    if params.max_tokens is not None and n >= params.max_tokens:
+        return FinishReason.LENGTH
+    if num_prompt_tokens + n >= max_model_len:
+        return FinishReason.LENGTH
+    return None
