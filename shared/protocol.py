@@ -148,3 +148,17 @@ def decode(data: bytes, type_: type[msgspec.Struct]):
     if dec is None:
         dec = _decoders[type_] = msgspec.msgpack.Decoder(type_)
     return dec.decode(data)
+
+
+class EngineStats(_Msg):
+    """A scheduler's published state, read by gateways for /metrics and /health."""
+
+    engine_id: str
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_blocks: int = 0
+    timestamp: float = 0.0
