@@ -1,0 +1,27 @@
+"""Fixtures shared by every test.
+
+Tests never reach a model hub: offline mode is set before transformers is imported. The
+bundled SmolLM2 is converted into a cache folder inside the repo (gitignored) that outlives
+the test run, so only the first run on a checkout pays for the conversion.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FOLIO_CACHE_DIR", str(REPO_ROOT / ".folio-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct as a Hugging Face folder (float32 safetensors)."""
+    from services.executor.loader import resolve_model
+
+    return resolve_model("smollm2-135m-instruct").path
