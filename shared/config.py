@@ -39,6 +39,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs
     download_dir: str | None = None  # cache for converted GGUF models
+    skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ class _Child:
 
     parent: RequestOutput
     completion: CompletionOutput
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None without a tokenizer
     want_logprobs: bool
 
 
@@ -39,7 +39,9 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m-instruct", **engine_args) -> None:
         self.config = EngineConfig.from_kwargs(model, **engine_args)
         self.engine = EngineCore(self.config)
-        self.tokenizer = load_tokenizer(self.config.tokenizer or self.engine.resolved.path)
+        self.tokenizer = None
+        if not self.config.skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(self.config.tokenizer or self.engine.resolved.path)
         self._children: dict[str, _Child] = {}
         self._parents: dict[str, list[str]] = {}
         self._ids = itertools.count()
@@ -54,11 +56,15 @@ class LLM:
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("skip_tokenizer_init=True: prompts must be token ids")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, token_ids = None, [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("The prompt is empty: it must contain at least one token.")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
         parent = RequestOutput(request_id, text, token_ids, outputs=[])
         child_ids = []
         for i in range(params.n):
@@ -78,18 +84,16 @@ class LLM:
                     arrival_time=time.monotonic(),
                 )
             )
-            self._children[child_id] = _Child(
-                parent,
-                completion,
-                IncrementalDetokenizer(
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
                     self.tokenizer,
                     token_ids,
                     skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
-                ),
-                want_logprobs=params.logprobs is not None,
-            )
+                )
+            self._children[child_id] = _Child(parent, completion, detok, params.logprobs is not None)
             child_ids.append(child_id)
         self._parents[request_id] = child_ids
 
@@ -115,13 +119,16 @@ class LLM:
             comp.token_ids.extend(out.new_token_ids)
             if child.want_logprobs and out.new_logprobs:
                 comp.logprobs = (comp.logprobs or []) + list(out.new_logprobs)
-            new_text, stopped = child.detok.add(out.new_token_ids)
-            comp.text += new_text
+            stopped = False
+            if child.detok is not None:
+                new_text, stopped = child.detok.add(out.new_token_ids)
+                comp.text += new_text
             if stopped:
                 self.engine.finish([out.req_id], FinishReason.STOP)
                 comp.finish_reason = FinishReason.STOP.openai
             elif out.finish_reason is not None:
-                comp.text += child.detok.flush()
+                if child.detok is not None:
+                    comp.text += child.detok.flush()
                 comp.finish_reason = FinishReason(out.finish_reason).openai
             if out.num_cached_tokens:
                 child.parent.num_cached_tokens = max(child.parent.num_cached_tokens, out.num_cached_tokens)
