@@ -1,0 +1,70 @@
+"""Chat messages → prompt token ids, through the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from services.gateway.errors import BadRequestError
+from services.gateway.openai_protocol import ChatMessage
+
+
+def _content_text(msg: ChatMessage, i: int) -> str:
+    content = msg.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else part.type
+        if kind != "text":
+            raise BadRequestError(
+                f"messages[{i}]: only text content parts are supported, got {kind!r}.", "messages"
+            )
+        parts.append(part["text"] if isinstance(part, dict) else part.text)
+    return "\n".join(parts)
+
+
+def to_conversation(messages: list[ChatMessage]) -> list[dict]:
+    if not messages:
+        raise BadRequestError("messages must contain at least one message.", "messages")
+    conv = []
+    for i, m in enumerate(messages):
+        d = {k: v for k, v in (m.model_extra or {}).items()}  # tool_calls, tool_call_id, ...
+        d["role"] = m.role
+        d["content"] = _content_text(m, i)
+        if m.name is not None:
+            d["name"] = m.name
+        conv.append(d)
+    return conv
+
+
+def render_chat(
+    tokenizer,
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list[dict] | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> list[int]:
+    """Prompt token ids for a conversation (the template writes any special tokens itself)."""
+    conv = to_conversation(messages)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise BadRequestError("This model has no chat template; use /v1/completions.", "messages")
+    if add_generation_prompt and continue_final_message:
+        raise BadRequestError(
+            "add_generation_prompt and continue_final_message cannot both be true.", "continue_final_message"
+        )
+    kwargs = dict(chat_template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools
+    try:
+        text = tokenizer.apply_chat_template(
+            conv,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **kwargs,
+        )
+    except Exception as e:  # jinja errors: the template rejected this conversation
+        raise BadRequestError(f"Cannot apply the chat template: {e}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)

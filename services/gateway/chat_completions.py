@@ -1,0 +1,111 @@
+"""POST /v1/chat/completions: messages → chat.completion (or chat.completion.chunk events)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from services.gateway.chat import render_chat
+from services.gateway.generation import Generation
+from services.gateway.openai_protocol import ChatCompletionRequest
+from services.gateway.requests import check_model, require_engine
+from services.gateway.sampling import (
+    build_params,
+    check_openai_ranges,
+    requested_max_tokens,
+    resolve_max_tokens,
+)
+from services.gateway.sse import event, stream_response, with_disconnect_abort
+from services.gateway.state import GatewayState
+
+
+async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest, raw: Request) -> Response:
+    check_model(state, req.model)
+    check_openai_ranges(req)
+    top_k = (req.top_logprobs or 0) if req.logprobs else None
+    params = build_params(req, top_k)
+    prompt = render_chat(
+        state.tokenizer,
+        req.messages,
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        tools=req.tools,
+        chat_template_kwargs=req.chat_template_kwargs,
+    )
+    max_model_len = await require_engine(state)
+    max_tokens = [resolve_max_tokens(requested_max_tokens(req), len(prompt), max_model_len, "messages")]
+    gen = Generation(
+        state,
+        f"chatcmpl-{uuid.uuid4().hex}",
+        [prompt],
+        params,
+        max_tokens,
+        raw.headers.get("traceparent", ""),
+    )
+    await gen.start()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return stream_response(gen, lambda: _stream(state, gen, top_k, include_usage))
+    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k))
+
+
+async def _full(state: GatewayState, gen: Generation, top_k: int | None) -> Response:
+    while not gen.done:
+        await gen.next_update()
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": None if top_k is None else {"content": state.logprobs.chat(c.logprobs, top_k)},
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+        for c in gen.choices
+    ]
+    body = {
+        "id": gen.request_id,
+        "object": "chat.completion",
+        "created": gen.created,
+        "model": state.model_name,
+        "choices": choices,
+        "usage": gen.usage(),
+    }
+    return JSONResponse(body)
+
+
+async def _stream(
+    state: GatewayState, gen: Generation, top_k: int | None, include_usage: bool
+) -> AsyncIterator[bytes]:
+    head = {
+        "id": gen.request_id,
+        "object": "chat.completion.chunk",
+        "created": gen.created,
+        "model": state.model_name,
+    }
+
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return event({**head, "choices": [choice]})
+
+    # The role comes first, in a chunk of its own (as OpenAI and vLLM send it).
+    yield b"".join(chunk(c.index, {"role": "assistant", "content": ""}) for c in gen.choices)
+    buf: list[bytes] = []
+    while not gen.done:
+        u = await gen.next_update()
+        if u.text or u.finished or u.logprobs:
+            c = u.choice
+            lp = None if top_k is None else {"content": state.logprobs.chat(u.logprobs, top_k)}
+            delta = {"content": u.text} if u.text or not u.finished else {}
+            buf.append(chunk(c.index, delta, lp, c.finish_reason, c.stop_reason))
+        if not gen.has_pending() and buf:
+            yield b"".join(buf)
+            buf.clear()
+    if buf:
+        yield b"".join(buf)
+    if include_usage:
+        yield event({**head, "choices": [], "usage": gen.usage()})

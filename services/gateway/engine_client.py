@@ -1,0 +1,208 @@
+"""The gateway's side of the bus: submit requests, fan token deltas out, abort.
+
+    handler ──submit()──▶ {ns}:requests
+       ▲                        ┆ (engines)
+       │ asyncio.Queue           ▼
+    _route ◀── one subscription: {ns}:gateway:{g}:tokens (TokenBatch)
+
+One subscription per gateway (not per request): the subscriber task routes each
+TokenDelta by req_id to the queue of the HTTP request that owns it, so the per-token
+path is one dict lookup and one `put_nowait`. Aborts are queued synchronously (handlers
+call `abort` from `finally` blocks, even while being cancelled) and published in batches
+by a background task. A watchdog fails in-flight requests with an error when no engine
+is alive any more, so no request waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from shared.bus import Bus
+from shared.protocol import EngineInfo, GenerateRequest, TokenDelta
+
+log = logging.getLogger(__name__)
+
+_READY_TIMEOUT_S = 10.0
+_REDIS_TIMEOUT_S = 2.0
+
+
+class RequestStream:
+    """The deltas of one HTTP request's sub-requests (n choices × prompts), in arrival order."""
+
+    __slots__ = ("queue", "req_ids")
+
+    def __init__(self, req_ids: list[str]) -> None:
+        self.req_ids = req_ids
+        self.queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+
+    async def get(self) -> TokenDelta:
+        return await self.queue.get()
+
+    def get_nowait(self) -> TokenDelta | None:
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+
+class EngineClient:
+    def __init__(
+        self,
+        bus: Bus,
+        gateway_id: str,
+        *,
+        engine_cache_s: float = 1.0,
+        watchdog_interval_s: float = 1.0,
+        dead_after_s: float = 3.0,
+    ) -> None:
+        self.bus = bus
+        self.gateway_id = gateway_id
+        self.reply_to = bus.keys.gateway_tokens(gateway_id)
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_aborts: list[str] = []
+        self._abort_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._engines: list[EngineInfo] = []
+        self._engines_at = -1e9
+        self._refresh: asyncio.Future | None = None
+        self._engine_cache_s = engine_cache_s
+        self._watchdog_interval_s = watchdog_interval_s
+        self._dead_after_s = dead_after_s
+        self._subscribed = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._subscriber(), name="gateway-subscriber"),
+            asyncio.create_task(self._aborter(), name="gateway-aborter"),
+            asyncio.create_task(self._watchdog(), name="gateway-watchdog"),
+        ]
+        # Tokens published before the SUBSCRIBE is in place would be lost: serve only after it.
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            counts = await self.bus.redis.pubsub_numsub(self.reply_to)
+            if counts and counts[0][1] >= 1:
+                self._subscribed.set()
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"could not subscribe to {self.reply_to} within {_READY_TIMEOUT_S}s")
+
+    async def stop(self) -> None:
+        if self._streams:
+            self.abort(list(self._streams))
+            await self._flush_aborts()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ engines
+    async def engines(self, fresh: bool = False) -> list[EngineInfo]:
+        """Live engines, cached for a second so requests do not each cost Redis round trips."""
+        if fresh or time.monotonic() - self._engines_at > self._engine_cache_s:
+            # Requests arriving together share one refresh instead of each querying Redis.
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.ensure_future(self._fetch_engines())
+            await asyncio.shield(self._refresh)
+        return self._engines
+
+    async def _fetch_engines(self) -> None:
+        try:
+            self._engines = await asyncio.wait_for(self.bus.live_engines(), _REDIS_TIMEOUT_S)
+        except Exception as e:  # a Redis outage means no engine is reachable
+            log.warning("cannot list engines: %s", e)
+            self._engines = []
+        self._engines_at = time.monotonic()
+
+    # ------------------------------------------------------------------ requests
+    async def submit(self, reqs: list[GenerateRequest]) -> RequestStream:
+        """Register a queue for the requests, then send them (tokens may arrive at once)."""
+        stream = RequestStream([r.req_id for r in reqs])
+        for r in reqs:
+            self._streams[r.req_id] = stream
+        try:
+            for r in reqs:
+                await self.bus.submit(r)
+        except BaseException:
+            self.abort(stream.req_ids)
+            raise
+        return stream
+
+    def abort(self, req_ids: list[str]) -> None:
+        """Stop routing these requests and tell the engines (sync: safe in `finally`)."""
+        to_abort = [rid for rid in req_ids if self._streams.pop(rid, None) is not None]
+        if to_abort:
+            self._pending_aborts.extend(to_abort)
+            self._abort_event.set()
+
+    def finished(self, req_id: str) -> None:
+        """The engine finished this request: stop routing it (no abort needed)."""
+        self._streams.pop(req_id, None)
+
+    # ------------------------------------------------------------------ background tasks
+    async def _subscriber(self) -> None:
+        while True:
+            try:
+                async for batch in self.bus.token_batches(self.gateway_id):
+                    streams = self._streams
+                    for delta in batch.deltas:
+                        stream = streams.get(delta.req_id)
+                        if stream is None:
+                            continue  # aborted, or another gateway's leftover
+                        if delta.finish_reason or delta.error:
+                            del streams[delta.req_id]
+                        stream.queue.put_nowait(delta)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # Deltas may have been lost while the connection was down: the requests in
+                # flight cannot be completed faithfully, so fail them rather than hang.
+                log.error("token subscription failed (%s); resubscribing", e)
+                self._fail_all(f"lost the connection to the token stream: {e}")
+                await asyncio.sleep(0.5)
+
+    async def _aborter(self) -> None:
+        while True:
+            await self._abort_event.wait()
+            await self._flush_aborts()
+
+    async def _flush_aborts(self) -> None:
+        self._abort_event.clear()
+        ids, self._pending_aborts = self._pending_aborts, []
+        if not ids:
+            return
+        try:
+            await asyncio.wait_for(self.bus.publish_abort(ids), _REDIS_TIMEOUT_S)
+        except Exception as e:
+            log.error("could not publish abort of %d request(s): %s", len(ids), e)
+
+    async def _watchdog(self) -> None:
+        dead_since: float | None = None
+        while True:
+            await asyncio.sleep(self._watchdog_interval_s)
+            if not self._streams:
+                dead_since = None
+                continue
+            alive = await self.engines(fresh=True)
+            now = time.monotonic()
+            if alive:
+                dead_since = None
+            elif dead_since is None:
+                dead_since = now
+            elif now - dead_since >= self._dead_after_s:
+                self._fail_all("no engine is alive to finish the request")
+                dead_since = None
+
+    def _fail_all(self, message: str) -> None:
+        streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            stream.queue.put_nowait(TokenDelta(req_id=rid, token_ids=[], error=message))
+        if streams:
+            self._pending_aborts.extend(streams)
+            self._abort_event.set()

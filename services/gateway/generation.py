@@ -1,0 +1,198 @@
+"""One HTTP request's generation: its choices, their text, stop strings and metrics.
+
+    Generation.start() ─▶ engine requests {id}-0 … {id}-(k-1)   (k = prompts × n)
+    next_update()      ◀─ TokenDelta ─▶ detokenize, stop strings ─▶ Update(choice, text, ...)
+    close()            ─▶ abort whatever has not finished (stop-string hit, disconnect, error)
+
+Streaming and non-streaming handlers of both endpoints consume the same Updates and
+only differ in how they shape them into JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from services.gateway.errors import EngineError
+from services.gateway.sampling import expand
+from services.gateway.state import GatewayState
+from shared.detokenizer import IncrementalDetokenizer
+from shared.protocol import FinishReason, Logprobs, TokenDelta
+from shared.sampling_params import SamplingParams
+from shared.telemetry import GenAI
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    req_id: str
+    prompt_ids: list[int]
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprobs] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text_offset: int = 0  # streaming completions logprobs continue from here
+    last_token_time: float = 0.0
+
+
+@dataclass(slots=True)
+class Update:
+    choice: Choice
+    text: str
+    logprobs: list[Logprobs]
+    finished: bool
+
+
+class Generation:
+    def __init__(
+        self,
+        state: GatewayState,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        max_tokens: list[int],
+        traceparent: str = "",
+    ) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.prompts = prompts
+        self.params = params
+        self.want_logprobs = params.logprobs is not None
+        self.arrival = time.perf_counter()
+        self.created = int(time.time())
+        self._span, downstream_tp = state.tracer.start(
+            request_id,
+            traceparent,
+            {
+                GenAI.REQUEST_N: params.n,
+                GenAI.REQUEST_TEMPERATURE: params.temperature,
+                GenAI.REQUEST_TOP_P: params.top_p,
+                GenAI.REQUEST_MAX_TOKENS: max(max_tokens),
+                GenAI.RESPONSE_MODEL: state.model_name,
+            },
+        )
+        try:
+            self.reqs = expand(request_id, prompts, params, max_tokens, state.client.reply_to, downstream_tp)
+        except Exception as e:
+            state.tracer.end(self._span, {}, str(e))
+            raise
+        self.choices: list[Choice] = []
+        for idx, r in enumerate(self.reqs):
+            detok = IncrementalDetokenizer(
+                state.tokenizer,
+                r.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                decode_fn=state.decode_fn,
+            )
+            self.choices.append(Choice(idx, r.req_id, r.prompt_token_ids, detok))
+        self._by_id = {c.req_id: c for c in self.choices}
+        self._unfinished = set(self._by_id)
+        self._stream = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._stream = await self.state.client.submit(self.reqs)
+        self.state.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in self.reqs))
+
+    @property
+    def done(self) -> bool:
+        return not self._unfinished
+
+    def has_pending(self) -> bool:
+        """More deltas are already queued (lets streaming coalesce several into one write)."""
+        return self._stream is not None and not self._stream.queue.empty()
+
+    def close(self, error: str = "") -> None:
+        """Abort unfinished choices and end the span. Sync and idempotent: safe in `finally`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._unfinished:
+            self.state.client.abort(list(self._unfinished))
+            now = time.perf_counter()
+            for _ in self._unfinished:
+                self.state.metrics.finished("error" if error else "abort", now - self.arrival)
+            self._unfinished.clear()
+        self.state.tracer.end(
+            self._span,
+            {
+                GenAI.USAGE_PROMPT_TOKENS: self.prompt_tokens,
+                GenAI.USAGE_COMPLETION_TOKENS: self.completion_tokens,
+                GenAI.RESPONSE_FINISH_REASONS: [c.finish_reason or "abort" for c in self.choices],
+                GenAI.LATENCY_E2E: time.perf_counter() - self.arrival,
+            },
+            error,
+        )
+
+    # ------------------------------------------------------------------ progress
+    async def next_update(self) -> Update:
+        """The next choice's progress; raises EngineError if the engine failed a choice."""
+        assert self._stream is not None, "start() first"
+        while True:
+            delta = await self._stream.get()
+            # Deltas already queued for a choice that finished (a stop-string hit) are moot.
+            if delta.req_id in self._unfinished:
+                return self._apply(delta)
+
+    def _apply(self, delta: TokenDelta) -> Update:
+        choice = self._by_id[delta.req_id]
+        if delta.error:
+            self._unfinished.discard(choice.req_id)
+            self.state.metrics.finished("error", time.perf_counter() - self.arrival)
+            raise EngineError(delta.error)
+        metrics = self.state.metrics
+        now = time.perf_counter()
+        new_ids = delta.token_ids
+        if new_ids:
+            if choice.last_token_time == 0.0:
+                metrics.ttft.observe(now - self.arrival)
+            else:
+                metrics.itl.observe(now - choice.last_token_time)
+            choice.last_token_time = now
+            choice.token_ids.extend(new_ids)
+            metrics.generation_tokens.inc(len(new_ids))
+        lps = delta.logprobs if self.want_logprobs else []
+        if lps:
+            choice.logprobs.extend(lps)
+        text, hit = choice.detok.add(new_ids)
+        finished = False
+        if hit:
+            # The engine does not know about stop strings: tell it to stop.
+            self.state.client.abort([choice.req_id])
+            choice.finish_reason, choice.stop_reason = "stop", choice.detok.stop_str
+            finished = True
+        elif delta.finish_reason:
+            text += choice.detok.flush()
+            reason = FinishReason(delta.finish_reason)
+            choice.finish_reason = reason.openai
+            if (
+                reason == FinishReason.STOP
+                and choice.token_ids
+                and choice.token_ids[-1] in self.params.stop_token_ids
+            ):
+                choice.stop_reason = choice.token_ids[-1]
+            finished = True
+        if finished:
+            self._unfinished.discard(choice.req_id)
+            metrics.finished(choice.finish_reason, now - self.arrival)
+        choice.text += text
+        return Update(choice, text, lps, finished)
+
+    # ------------------------------------------------------------------ totals
+    @property
+    def prompt_tokens(self) -> int:
+        # n choices of one prompt count its tokens once (OpenAI's usage).
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+    def usage(self) -> dict:
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

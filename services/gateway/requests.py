@@ -1,0 +1,20 @@
+"""Checks every generation endpoint makes before tokenizing: the model name, a live engine."""
+
+from __future__ import annotations
+
+from services.gateway.errors import NotFoundError, ServiceUnavailableError
+from services.gateway.state import GatewayState
+
+
+def check_model(state: GatewayState, model: str | None) -> None:
+    # Like vLLM, an omitted model means the served one.
+    if model is not None and model != state.model_name:
+        raise NotFoundError(f"The model `{model}` does not exist.", "model")
+
+
+async def require_engine(state: GatewayState) -> int:
+    """The serving max_model_len; 503 at once when no engine is alive (never queue blindly)."""
+    engines = await state.client.engines()
+    if not engines:
+        raise ServiceUnavailableError("No engine is available to serve the request; try again later.")
+    return min(e.max_model_len for e in engines)

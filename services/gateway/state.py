@@ -1,0 +1,61 @@
+"""What every handler needs, built once per app: settings, tokenizer, engine client, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.gateway.engine_client import EngineClient
+from services.gateway.logprobs import LogprobFormatter
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.tokenizer import TokenStrings
+from services.gateway.tracing import GatewayTracer
+from shared.detokenizer import make_decode_fn
+
+
+@dataclass
+class GatewaySettings:
+    model: str
+    redis_url: str
+    served_model_name: str | None = None  # default: the model argument (vLLM)
+    tokenizer: str | None = None  # default: the model's own
+    download_dir: str | None = None
+    load_format: str = "auto"
+    redis_namespace: str = "folio"
+    gateway_id: str = "gw0"
+    api_key: str | None = None
+    # Used only while no engine has registered (the engines' EngineInfo is authoritative).
+    max_model_len: int | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    otlp_traces_endpoint: str | None = None
+    # How long an engine may be missing before in-flight requests fail (s).
+    engine_dead_after_s: float = 3.0
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    tokenizer: object
+    client: EngineClient
+    metrics: GatewayMetrics
+    tracer: GatewayTracer
+    token_strings: TokenStrings = field(init=False)
+    logprobs: LogprobFormatter = field(init=False)
+    decode_fn: Callable[[Sequence[int], bool], str] = field(init=False)
+    vocab_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_strings = TokenStrings(self.tokenizer)
+        self.logprobs = LogprobFormatter(self.token_strings)
+        self.decode_fn = make_decode_fn(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or self.settings.model
+
+    async def max_model_len(self) -> int | None:
+        engines = await self.client.engines()
+        if engines:
+            return min(e.max_model_len for e in engines)
+        return self.settings.max_model_len

@@ -1,0 +1,41 @@
+"""The gateway's tokenizer: loaded from the same source the executors load, plus a
+cache of per-token strings for logprobs (decoding one id is cheap, but it happens for
+every top-k candidate of every token)."""
+
+from __future__ import annotations
+
+import logging
+
+from shared.detokenizer import make_decode_fn
+
+log = logging.getLogger(__name__)
+
+
+def load_gateway_tokenizer(
+    model: str, tokenizer: str | None = None, download_dir: str | None = None, load_format: str = "auto"
+):
+    """The tokenizer for `model` (or the explicit `tokenizer` path / hub id).
+
+    The gateway needs no weights, so the model is resolved with load_format "dummy" (a
+    GGUF source is still converted, and that conversion is cached for the executors).
+    """
+    from services.executor.loader import load_tokenizer, resolve_model
+
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    fmt = "gguf" if load_format == "gguf" else "dummy"
+    return load_tokenizer(resolve_model(model, load_format=fmt, download_dir=download_dir).path)
+
+
+class TokenStrings:
+    """id → text of that single token, memoized (bounded by the vocabulary)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._decode = make_decode_fn(tokenizer)
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self._cache[token_id] = self._decode([token_id], False)
+        return s

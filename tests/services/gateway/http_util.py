@@ -1,0 +1,62 @@
+"""Raw HTTP for what the OpenAI SDK cannot do: malformed bodies, dropped connections, /metrics."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.parse
+import urllib.request
+
+
+def raw_post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """POST raw bytes; (status, JSON body)."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, json.loads(data) if data else {}
+    finally:
+        conn.close()
+
+
+def get(url: str, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics as {name: value}, labels dropped (one model, so one series per name) and
+    request_success_total kept per finished_reason as `request_success_total:REASON`."""
+    status, body = get(url, "/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, value = line.rsplit(" ", 1)
+        name = name_labels.split("{", 1)[0]
+        if name == "folio:request_success_total":
+            reason = name_labels.split('finished_reason="', 1)[1].split('"', 1)[0]
+            name = f"{name}:{reason}"
+        if "_bucket" in name:
+            continue
+        out[name] = float(value)
+    return out
+
+
+def open_stream(url: str, path: str, payload: dict, api_key: str) -> http.client.HTTPConnection:
+    """Start a streaming request and return the open connection (caller reads, then drops it)."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request(
+        "POST",
+        path,
+        body=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+    )
+    return conn

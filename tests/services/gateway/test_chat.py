@@ -1,0 +1,73 @@
+"""/v1/chat/completions through the OpenAI SDK against a real `folio serve`."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_non_streaming(client, server, tokenizer):
+    r = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=16, temperature=0)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    (c,) = r.choices
+    assert c.message.role == "assistant" and c.message.content
+    assert c.finish_reason in ("stop", "length")
+    prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt_ids, add_special_tokens=False))
+    assert 1 <= r.usage.completion_tokens <= 16
+
+
+def test_chat_streaming_matches_non_streaming(client, server):
+    kw = dict(model=server.model, messages=MESSAGES, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+
+
+def test_chat_logprobs(client, server):
+    r = client.chat.completions.create(
+        model=server.model,
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 2
+        assert bytes(item.bytes).decode("utf-8", errors="replace") == item.token
+        # Greedy: the sampled token is the most likely one.
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+    assert "".join(i.token for i in content) == r.choices[0].message.content
+
+
+def test_chat_content_parts_and_n(client, server):
+    r = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}],
+        max_tokens=4,
+        n=2,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == 8
+
+
+def test_max_completion_tokens(client, server):
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_completion_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
