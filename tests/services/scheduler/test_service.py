@@ -1,0 +1,322 @@
+"""The scheduler and executor services as real processes over a private Redis, with a
+tiny model; the test plays the gateway through the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.engine.engine_core import EngineCore
+from services.scheduler.request import Request
+from shared.bus import SCHEDULER_GROUP, Bus
+from shared.config import EngineConfig
+from shared.protocol import FinishReason, GenerateRequest, TokenDelta
+from shared.redis_server import start_private_redis
+from shared.sampling_params import SamplingParams
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[3]
+NS = "tsched"
+MAX_MODEL_LEN = 256
+ENGINE_ARGS = ["--dtype", "float32", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+               "--num-gpu-blocks-override", "128", "--block-size", "4", "--max-num-seqs", "8"]
+
+
+def _config(model: str) -> EngineConfig:
+    return EngineConfig(model=model, dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
+                        num_gpu_blocks_override=128, block_size=4, max_num_seqs=8)
+
+
+class Engine:
+    """A scheduler and an executor process for engine e0."""
+
+    def __init__(self, url: str, model: str, logdir: Path) -> None:
+        self.url, self.model, self.logdir = url, model, logdir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def spawn(self, role: str) -> subprocess.Popen:
+        extra = ["--tp-rank", "0"] if role == "executor" else []
+        cmd = [sys.executable, "-m", "services.cli", role, "--redis-url", self.url, "--redis-namespace", NS,
+               "--engine-id", "e0", *extra, "--model", self.model, *ENGINE_ARGS]
+        log = open(self.logdir / f"{role}-{len(self.procs)}.log", "ab")  # noqa: SIM115
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.procs[role] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        return self.procs[role]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+
+async def _wait_engine(bus: Bus, engine: Engine, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await bus.live_engines():
+        for role, p in engine.procs.items():
+            assert p.poll() is None, f"{role} exited with {p.returncode}\n{engine.logs()}"
+        assert time.monotonic() < deadline, f"engine never registered\n{engine.logs()}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = start_private_redis()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def engine(redis_url, model, tmp_path_factory):
+    eng = Engine(redis_url, model, tmp_path_factory.mktemp("logs"))
+    eng.spawn("executor")
+    eng.spawn("scheduler")
+    yield eng
+    # SIGTERM the scheduler: it tells the executor to shut down; both exit 0.
+    sched, ex = eng.procs["scheduler"], eng.procs["executor"]
+    sched.send_signal(signal.SIGTERM)
+    try:
+        assert sched.wait(15) == 0, eng.logs()
+        assert ex.wait(15) == 0, eng.logs()
+    finally:
+        for p in eng.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+async def gateway(redis_url, engine):
+    """The bus as a gateway sees it: submit requests, collect this gateway's deltas."""
+    bus = Bus(redis_url, NS)
+    await _wait_engine(bus, engine)
+    deltas: dict[str, list[TokenDelta]] = {}
+
+    async def listen():
+        async for batch in bus.token_batches("gw"):
+            for d in batch.deltas:
+                deltas.setdefault(d.req_id, []).append(d)
+
+    task = asyncio.create_task(listen())
+    while (await bus.redis.pubsub_numsub(bus.keys.gateway_tokens("gw")))[0][1] == 0:
+        await asyncio.sleep(0.01)
+    bus.deltas = deltas  # type: ignore[attr-defined]
+    yield bus
+    task.cancel()
+    await bus.close()
+
+
+def _req(req_id: str, prompt: list[int], bus: Bus, **params) -> GenerateRequest:
+    return GenerateRequest(req_id=req_id, prompt_token_ids=prompt, reply_to=bus.keys.gateway_tokens("gw"),
+                           sampling_params=SamplingParams(temperature=0.0, **params),
+                           arrival_time=time.time())
+
+
+async def _finished(bus: Bus, req_ids: list[str], timeout_s: float = 60) -> dict[str, list[TokenDelta]]:
+    deadline = time.monotonic() + timeout_s
+    while not all(bus.deltas.get(r) and bus.deltas[r][-1].finish_reason for r in req_ids):
+        assert time.monotonic() < deadline, f"unfinished: {req_ids}, got {bus.deltas}"
+        await asyncio.sleep(0.02)
+    return {r: bus.deltas[r] for r in req_ids}
+
+
+async def _pending(bus: Bus) -> int:
+    return (await bus.redis.xpending(bus.keys.requests, SCHEDULER_GROUP))["pending"]
+
+
+def _in_process(model: str, prompts: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, tuple]:
+    """(tokens, finish reason) of each request, from the in-process engine on the same config."""
+    core = EngineCore(_config(model))
+    out: dict[str, tuple[list, int]] = {r: ([], 0) for r in prompts}
+    for req_id, (prompt, params) in prompts.items():
+        core.add_request(Request(req_id=req_id, prompt_token_ids=prompt, sampling_params=params))
+    while core.has_unfinished_requests():
+        for o in core.step():
+            toks, _ = out[o.req_id]
+            out[o.req_id] = (toks + o.new_token_ids, int(o.finish_reason or 0))
+    return out
+
+
+async def test_greedy_tokens_match_in_process_engine(gateway, model):
+    prompts = {
+        "a": ([1, 4, 9, 16, 25, 36, 49], dict(max_tokens=12, ignore_eos=True)),
+        "b": ([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3], dict(max_tokens=20, ignore_eos=True)),
+        "c": ([100, 200], dict(max_tokens=30)),  # may stop at an EOS (ids 2, 7)
+        "d": ([11] * 200, dict(max_tokens=None, ignore_eos=True)),  # runs into max_model_len
+    }
+    for req_id, (prompt, params) in prompts.items():
+        await gateway.submit(_req(req_id, prompt, gateway, **params))
+    got = await _finished(gateway, list(prompts))
+    expected = _in_process(model, {r: (p, SamplingParams(temperature=0.0, **kw))
+                                   for r, (p, kw) in prompts.items()})
+    for req_id, deltas in got.items():
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert (tokens, deltas[-1].finish_reason) == expected[req_id], req_id
+        assert all(d.finish_reason == 0 for d in deltas[:-1])
+        assert deltas[-1].num_prompt_tokens == len(prompts[req_id][0])
+    assert sum(len(d.token_ids) for d in got["d"]) == MAX_MODEL_LEN - 200
+    assert got["d"][-1].finish_reason == FinishReason.LENGTH
+    # Finished requests are acknowledged and deleted from the stream.
+    deadline = time.monotonic() + 5
+    while await _pending(gateway) or await gateway.redis.xlen(gateway.keys.requests):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_stop_token_ids(gateway, model):
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    ref, _ = _in_process(model, {"x": (prompt, params)})["x"]
+    stop_at = next(i for i, t in enumerate(ref) if ref.index(t) == i and i >= 2)
+    await gateway.submit(_req("s", prompt, gateway, max_tokens=10, ignore_eos=True,
+                              stop_token_ids=[ref[stop_at]]))
+    deltas = (await _finished(gateway, ["s"]))["s"]
+    assert [t for d in deltas for t in d.token_ids] == ref[: stop_at + 1]
+    assert deltas[-1].finish_reason == FinishReason.STOP
+
+
+async def test_rejected_and_malformed_requests_get_an_error(gateway):
+    await gateway.submit(_req("too-long", [5] * (MAX_MODEL_LEN + 4), gateway))
+    reply_to = gateway.keys.gateway_tokens("gw")
+    bad = msgspec.msgpack.encode(["bad", "x", [], reply_to])  # prompt ids are not a list
+    await gateway.redis.xadd(gateway.keys.requests, {b"m": bad})
+    got = await _finished(gateway, ["too-long", "bad"], timeout_s=10)
+    for req_id in ("too-long", "bad"):
+        [d] = got[req_id]
+        assert d.finish_reason == FinishReason.ABORT and d.error and d.token_ids == []
+    assert "max_model_len" in got["too-long"][0].error
+    # The engine still serves.
+    await gateway.submit(_req("after", [1, 2, 3], gateway, max_tokens=3, ignore_eos=True))
+    assert len((await _finished(gateway, ["after"]))["after"][-1].token_ids) >= 1
+
+
+async def test_abort_frees_blocks(gateway):
+    await gateway.submit(_req("long", [1, 2, 3], gateway, max_tokens=None, ignore_eos=True))
+    deadline = time.monotonic() + 30
+    while sum(len(d.token_ids) for d in gateway.deltas.get("long", [])) < 3:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    [stats] = await gateway.engine_stats()
+    await gateway.publish_abort(["long"])
+    deadline = time.monotonic() + 5
+    while True:
+        [stats] = await gateway.engine_stats()
+        if stats.kv_cache_usage == 0 and stats.num_running == 0 and await _pending(gateway) == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.05)
+    assert not any(d.finish_reason for d in gateway.deltas["long"])  # it was cut short, not finished
+    assert sum(len(d.token_ids) for d in gateway.deltas["long"]) < MAX_MODEL_LEN - 3
+
+
+async def test_lost_executor_fails_requests_then_engine_recovers(gateway, engine):
+    await gateway.submit(_req("doomed", [1, 2, 3], gateway, max_tokens=None, ignore_eos=True))
+    deadline = time.monotonic() + 30
+    while not gateway.deltas.get("doomed"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    engine.procs["executor"].kill()
+    engine.procs["executor"].wait()
+    # The heartbeat expires (5 s TTL) and the scheduler fails the request instead of hanging.
+    deadline = time.monotonic() + 15
+    while not gateway.deltas["doomed"][-1].finish_reason:
+        assert time.monotonic() < deadline, engine.logs()
+        await asyncio.sleep(0.05)
+    last = gateway.deltas["doomed"][-1]
+    assert last.finish_reason == FinishReason.ABORT and "heartbeat" in last.error
+    # A new executor registers and the same scheduler serves again.
+    engine.spawn("executor")
+    await _wait_engine(gateway, engine)
+    await gateway.submit(_req("revived", [1, 2, 3], gateway, max_tokens=4, ignore_eos=True))
+    got = await _finished(gateway, ["revived"])
+    assert sum(len(d.token_ids) for d in got["revived"]) == 4
+
+
+async def test_restarted_scheduler_fails_orphans_and_serves_again(gateway, engine):
+    await gateway.submit(_req("orphan", [1, 2, 3], gateway, max_tokens=None, ignore_eos=True))
+    deadline = time.monotonic() + 30
+    while not gateway.deltas.get("orphan"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    engine.procs["scheduler"].kill()
+    engine.procs["scheduler"].wait()
+    engine.spawn("scheduler")
+    # The new scheduler fails what the old one had claimed (its client saw tokens already)...
+    deadline = time.monotonic() + 60
+    while not gateway.deltas["orphan"][-1].finish_reason:
+        assert time.monotonic() < deadline, engine.logs()
+        await asyncio.sleep(0.05)
+    assert "restarted" in gateway.deltas["orphan"][-1].error
+    # ...and serving goes on; the executor drops the old run's request state at the first step.
+    await _wait_engine(gateway, engine)
+    await gateway.submit(_req("fresh", [1, 2, 3], gateway, max_tokens=4, ignore_eos=True))
+    got = await _finished(gateway, ["fresh"])
+    assert sum(len(d.token_ids) for d in got["fresh"]) == 4
+    assert "dropping 1 request(s)" in engine.logs()
+    assert await gateway.redis.xlen(gateway.keys.requests) == 0
+
+
+async def test_spans_continue_the_gateways_trace(redis_url, model):
+    """Scheduler and executor services in-process with an in-memory exporter: their request
+    spans are children of the gateway's span and carry gen_ai.* attributes."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.executor.service import ExecutorService, build_runner
+    from services.scheduler.service import SchedulerService
+    from shared.telemetry import GenAI, RequestSpans, init_tracing, inject_traceparent
+
+    exporter = InMemorySpanExporter()
+    provider = init_tracing("test", None, processor=SimpleSpanProcessor(exporter), set_global=False)
+    config = _config(model)
+    ns = "ttrace"
+    executor = ExecutorService(Bus(redis_url, ns), "e0", 0, config, build_runner(config),
+                               RequestSpans(provider, "folio-executor", "folio.executor.request"))
+    scheduler = SchedulerService(Bus(redis_url, ns), "e0", config,
+                                 RequestSpans(provider, "folio-scheduler", "folio.scheduler.request"))
+    tasks = [asyncio.create_task(executor.run()), asyncio.create_task(scheduler.run())]
+    bus = Bus(redis_url, ns)
+    try:
+        deadline = time.monotonic() + 30
+        while not await bus.live_engines():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        with provider.get_tracer("gw").start_as_current_span("folio.gateway.request") as root:
+            traceparent = inject_traceparent()
+        pubsub = bus.redis.pubsub()
+        await pubsub.subscribe(bus.keys.gateway_tokens("gw"))
+        await bus.submit(GenerateRequest(req_id="t1", prompt_token_ids=[1, 2, 3, 4], traceparent=traceparent,
+                                         sampling_params=SamplingParams(temperature=0.0, max_tokens=3,
+                                                                        ignore_eos=True),
+                                         reply_to=bus.keys.gateway_tokens("gw")))
+        deadline = time.monotonic() + 30
+        while len([s for s in exporter.get_finished_spans() if s.name != "folio.gateway.request"]) < 2:
+            assert time.monotonic() < deadline, exporter.get_finished_spans()
+            await asyncio.sleep(0.02)
+        await pubsub.aclose()
+    finally:
+        scheduler.request_stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        await bus.close()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    for name in ("folio.scheduler.request", "folio.executor.request"):
+        span = spans[name]
+        assert span.context.trace_id == root.get_span_context().trace_id
+        assert span.parent.span_id == root.get_span_context().span_id
+        assert span.attributes[GenAI.REQUEST_ID] == "t1"
+        assert span.attributes[GenAI.USAGE_PROMPT_TOKENS] == 4
+        assert span.attributes[GenAI.USAGE_COMPLETION_TOKENS] == 3
+    assert spans["folio.scheduler.request"].attributes[GenAI.REQUEST_MAX_TOKENS] == 3
+    assert list(spans["folio.scheduler.request"].attributes[GenAI.RESPONSE_FINISH_REASONS]) == ["length"]

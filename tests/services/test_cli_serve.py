@@ -1,0 +1,300 @@
+"""`folio serve` as users run it (a subprocess on a free port, tiny model), the CLI's
+flags, and the deployment files that run the same entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from shared.cli_args import engine_args_to_argv, engine_config_from_args
+from shared.config import EngineConfig
+from tests.tiny_models import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 240
+
+
+# ---------------------------------------------------------------------- flags
+def test_engine_flags_map_onto_engine_config():
+    args = build_parser().parse_args([
+        "serve", "some/model", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
+        "--max-num-batched-tokens", "256", "--block-size", "8", "--no-enable-prefix-caching", "--seed", "3",
+        "--kv-cache-space", "0.5", "--gpu-memory-utilization", "0.5", "--num-gpu-blocks-override", "99",
+        "--tensor-parallel-size", "1", "--attention-backend", "torch", "--load-format", "dummy",
+        "--enforce-eager", "--served-model-name", "m", "--tokenizer", "tok", "--download-dir", "/tmp/d",
+        "--device", "cpu", "--trust-remote-code", "--disable-log-requests",
+    ])
+    config = engine_config_from_args(args)
+    assert config == EngineConfig(
+        model="some/model", dtype="float32", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256,
+        block_size=8, enable_prefix_caching=False, seed=3, kv_cache_space=0.5, gpu_memory_utilization=0.5,
+        num_gpu_blocks_override=99, tensor_parallel_size=1, attention_backend="torch", load_format="dummy",
+        enforce_eager=True, served_model_name="m", tokenizer="tok", download_dir="/tmp/d", device="cpu",
+    )
+    # Forwarded to a child, the flags rebuild the same config.
+    child = build_parser().parse_args(["scheduler", *engine_args_to_argv(config)])
+    assert engine_config_from_args(child) == config
+    assert engine_config_from_args(build_parser().parse_args(["serve"])) == EngineConfig()
+
+
+def test_invalid_engine_flag_is_a_clean_error(capsys):
+    args = build_parser().parse_args(["serve", "--max-num-seqs", "0"])
+    with pytest.raises(SystemExit) as e:
+        engine_config_from_args(args)
+    assert e.value.code == 2
+    assert "max_num_seqs" in capsys.readouterr().err
+
+
+def test_help_works_without_importing_the_gateway():
+    code = "import sys; from services.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n" \
+           "print('services.gateway.server' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "gateway" in out.stdout and out.stdout.strip().endswith("False False")
+
+
+def test_convert(tmp_path, capsys):
+    from services.cli import main
+    from tests.services.executor.loader.tiny_gguf import write_tiny_llama_gguf
+
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(gguf_path)
+    assert main(["convert", str(gguf_path), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert list((tmp_path / "hf").glob("*.safetensors"))
+    assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "x")]) == 1
+    assert "folio convert: error" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- deployment files
+def _deploy_commands() -> list[tuple[str, list[str]]]:
+    """(source, folio argv) of every service command in compose.yaml and k8s/, defaults filled in."""
+    env = {"FOLIO_MODEL": "smollm2-135m-instruct", "FOLIO_ENGINE_ARGS": "--max-num-seqs 64",
+           "FOLIO_GATEWAY_ARGS": "--served-model-name x"}
+    found = []
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for name, svc in compose["services"].items():
+        cmd = svc.get("command")
+        if isinstance(cmd, str):
+            for var, value in env.items():
+                cmd = cmd.replace(f"${{{var}:-}}", value).replace(f"${{{var}:-smollm2-135m-instruct}}", value)
+            found.append((f"compose:{name}", shlex.split(cmd)))
+    for path in sorted((ROOT / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc.get("kind") != "Deployment":
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if c.get("command") == ["sh", "-c"]:
+                    script = c["args"][0]
+                    for var, value in env.items():
+                        script = script.replace(f'"${var}"', value).replace(f"${var}", value)
+                    argv = shlex.split(script)
+                    assert argv[:2] == ["exec", "folio"], script
+                    found.append((f"{path.name}:{c['name']}", argv[2:]))
+    return found
+
+
+def test_deployment_files_are_valid_yaml_and_match_the_cli():
+    for path in [ROOT / "compose.yaml", *sorted((ROOT / "k8s").glob("*.yaml"))]:
+        assert list(yaml.safe_load_all(path.read_text())), path
+    commands = _deploy_commands()
+    roles = sorted({argv[0] for _, argv in commands})
+    assert roles == ["executor", "gateway", "scheduler"], commands
+    parser = build_parser()
+    engine_ids = set()
+    for _source, argv in commands:
+        if argv[0] == "gateway":
+            from services.gateway import server
+
+            p = argparse.ArgumentParser()
+            server.add_cli_args(p)
+            p.parse_args(argv[1:] + ["--redis-url", "redis://x"])
+            continue
+        args = parser.parse_args(argv)  # unknown flags fail here
+        engine_config_from_args(args)
+        engine_ids.add(args.engine_id)
+    assert engine_ids == {"e0"}  # scheduler and executor pair up
+    kustomize = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    assert sorted(kustomize["resources"]) == sorted(
+        p.name for p in (ROOT / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+# ---------------------------------------------------------------------- folio serve
+def _tiny_model_with_tokenizer(out: Path) -> Path:
+    """A tiny llama plus a word-level tokenizer over its 256 ids ("t5" is id 5)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_model("llama", out)
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)} | {f"t{i}": i for i in range(len(specials), 256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return _tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live process below `pid` (from /proc)."""
+    parents: dict[int, int] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] == "Z":  # zombies hold no resources; their parent reaps them
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cmdlines[int(entry.name)] = cmd
+    out: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in out:
+                out[child] = cmdlines[child]
+                frontier.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+class Serve:
+    def __init__(self, model: Path) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "services.cli", "serve", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", "float32", "--device", "cpu", "--max-model-len", "128",
+               "--num-gpu-blocks-override", "64", "--block-size", "4"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("FOLIO_REDIS_URL", None)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env=env, start_new_session=True)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr, False), daemon=True).start()
+
+    def _read(self, stream, lines: list[str], is_stdout: bool) -> None:
+        for line in stream:
+            lines.append(line)
+            if is_stdout and "is ready" in line:
+                self.ready.set()
+
+    def output(self) -> str:
+        return "".join(self.stdout) + "\n--- stderr\n" + "".join(self.stderr[-60:])
+
+    def wait_ready(self) -> dict[int, str]:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.ready.wait(0.5):
+            rc = self.proc.poll()
+            assert rc is None, f"folio serve exited with {rc}\n{self.output()}"
+            assert time.monotonic() < deadline, f"not ready in {STARTUP_TIMEOUT_S}s\n{self.output()}"
+        children = _descendants(self.proc.pid)
+        roles = " ".join(children.values())
+        for role in ("redis-server", *(f"services.cli {r}" for r in ("executor", "scheduler", "gateway"))):
+            assert role in roles, (role, children)
+        return children
+
+    def kill_all(self) -> None:
+        """Last resort so a failing test leaves nothing behind."""
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+
+def _http(url: str, body: dict | None = None) -> tuple[int, dict | None]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore http_proxy
+    with opener.open(req, timeout=60) as r:
+        raw = r.read()
+        return r.status, json.loads(raw) if raw else None
+
+
+@pytest.mark.slow
+def test_serve_lifecycle(tiny_model):
+    serve = Serve(tiny_model)
+    try:
+        children = serve.wait_ready()
+        assert f"folio is ready: http://127.0.0.1:{serve.port}/v1" in "".join(serve.stdout)
+        base = f"http://127.0.0.1:{serve.port}"
+        assert _http(f"{base}/health")[0] == 200
+        status, body = _http(f"{base}/v1/completions", {"model": str(tiny_model), "prompt": "t5 t9 t12",
+                                                       "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert status == 200
+        assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+        t0 = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(30) == 0, serve.output()
+        assert time.monotonic() - t0 < 15, "stopping took too long"
+        time.sleep(0.2)
+        assert [pid for pid in children if _alive(pid)] == [], children
+        # The private Redis's temp dir (named in its command line) is gone too.
+        [redis_cmd] = [c for c in children.values() if "redis-server" in c]
+        for tmpdir in re.findall(r"/\S*folio-redis-[^/\s]+", redis_cmd):
+            assert not Path(tmpdir).exists(), tmpdir
+    finally:
+        if serve.proc.poll() is None:
+            serve.kill_all()
+
+
+@pytest.mark.slow
+def test_serve_exits_when_a_child_dies(tiny_model):
+    serve = Serve(tiny_model)
+    try:
+        children = serve.wait_ready()
+        [scheduler] = [pid for pid, cmd in children.items() if "services.cli scheduler" in cmd]
+        os.kill(scheduler, signal.SIGKILL)
+        rc = serve.proc.wait(30)
+        assert rc != 0
+        err = "".join(serve.stderr)
+        assert "scheduler" in err and "SIGKILL" in err, serve.output()
+        time.sleep(0.2)
+        assert [pid for pid in children if _alive(pid)] == [], children
+    finally:
+        if serve.proc.poll() is None:
+            serve.kill_all()

@@ -1,0 +1,253 @@
+"""Round trips over a real private redis-server: every typed operation of the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+import pytest
+
+from shared.bus import SCHEDULER_GROUP, Bus
+from shared.protocol import (
+    EngineInfo,
+    EngineStats,
+    GenerateRequest,
+    NewRequestData,
+    StepPlan,
+    StepResult,
+    TokenBatch,
+    TokenDelta,
+)
+from shared.redis_server import start_private_redis
+from shared.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = start_private_redis()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+async def bus(redis_url):
+    b = Bus(redis_url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    yield b
+    await b.close()
+
+
+def _req(i: int, reply_to: str = "") -> GenerateRequest:
+    return GenerateRequest(
+        req_id=f"r{i}",
+        prompt_token_ids=[1, 2, 3 + i],
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=4),
+        reply_to=reply_to,
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+
+
+async def _wait_subscribed(bus: Bus, channel: str, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        [(_, n)] = await bus.redis.pubsub_numsub(channel)
+        if n > 0:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"nobody subscribed to {channel}")
+
+
+async def test_submit_claim_ack(bus: Bus):
+    await bus.ensure_group()
+    await bus.ensure_group()  # idempotent
+    for i in range(3):
+        await bus.submit(_req(i, reply_to="gw"))
+    got = await bus.claim_requests("sched-a", count=10, block_ms=100)
+    assert [r.req_id for _, r in got] == ["r0", "r1", "r2"]
+    assert got[0][1] == _req(0, reply_to="gw")
+    # Claimed entries are pending until acknowledged; another consumer does not see them.
+    assert await bus.claim_requests("sched-b", count=10, block_ms=50) == []
+    pending = await bus.redis.xpending(bus.keys.requests, SCHEDULER_GROUP)
+    assert pending["pending"] == 3
+    await bus.ack_request(got[0][0], got[1][0])
+    pending = await bus.redis.xpending(bus.keys.requests, SCHEDULER_GROUP)
+    assert pending["pending"] == 1
+
+
+async def test_pending_and_retire(bus: Bus):
+    await bus.ensure_group()
+    for i in range(3):
+        await bus.submit(_req(i))
+    claimed = await bus.claim_requests("s", count=10)
+    # A restarted consumer of the same name finds what it had claimed and not finished.
+    assert [r.req_id for _, r in await bus.pending_requests("s")] == ["r0", "r1", "r2"]
+    assert await bus.pending_requests("other") == []
+    await bus.retire_requests(claimed[0][0], claimed[2][0])
+    assert [r.req_id for _, r in await bus.pending_requests("s")] == ["r1"]
+    assert await bus.redis.xlen(bus.keys.requests) == 1  # retired entries are deleted, not just acked
+    # An entry deleted while still pending comes back as (id, None), not as an exception.
+    await bus.redis.xdel(bus.keys.requests, claimed[1][0])
+    assert await bus.pending_requests("s") == [(claimed[1][0], None)]
+
+
+async def test_claim_blocks_then_times_out(bus: Bus):
+    await bus.ensure_group()
+    t0 = asyncio.get_running_loop().time()
+    assert await bus.claim_requests("s", block_ms=200) == []
+    assert asyncio.get_running_loop().time() - t0 >= 0.15
+
+
+async def test_malformed_request_is_rejected_whole(bus: Bus):
+    await bus.ensure_group()
+    await bus.redis.xadd(bus.keys.requests, {b"m": b"\x93garbage"})
+    await bus.redis.xadd(bus.keys.requests, {b"other": b"x"})
+    # Right shape but a wrong type inside (prompt ids as a string): rejected as a whole.
+    await bus.redis.xadd(bus.keys.requests, {b"m": msgspec.msgpack.encode(["r9", "abc", []])})
+    await bus.submit(_req(1))
+    got = await bus.claim_requests("s", count=10)
+    assert [r for _, r in got[:3]] == [None, None, None]
+    assert got[3][1] is not None and got[3][1].req_id == "r1"
+
+
+async def test_aborts_pubsub(bus: Bus):
+    received: list[list[str]] = []
+
+    async def listen():
+        async for msg in bus.aborts():
+            received.append(msg.req_ids)
+            if len(received) == 2:
+                return
+
+    task = asyncio.create_task(listen())
+    await _wait_subscribed(bus, bus.keys.aborts)
+    await bus.publish_abort([])  # nothing sent for an empty list
+    await bus.redis.publish(bus.keys.aborts, b"not msgpack")  # dropped, listener survives
+    await bus.publish_abort(["a", "b"])
+    await bus.publish_abort(["c"])
+    await asyncio.wait_for(task, 5)
+    assert received == [["a", "b"], ["c"]]
+
+
+async def test_steps_and_results(bus: Bus):
+    start = await bus.stream_tail_id(bus.keys.steps("e0"))
+    assert start == b"0-0"
+    plan = StepPlan(
+        step_id=7,
+        new_requests=[
+            NewRequestData(
+                req_id="r0",
+                prompt_token_ids=[5, 6],
+                sampling_params=SamplingParams(),
+                block_ids=[3],
+                num_computed_tokens=0,
+            )
+        ],
+        num_scheduled_tokens={"r0": 2},
+        total_num_scheduled_tokens=2,
+    )
+    await bus.send_step("e0", plan)
+    await bus.send_step("e0", StepPlan(step_id=8, shutdown=True))
+    msg_id, got = await bus.read_step("e0", start, block_ms=100)
+    assert got == plan
+    msg_id2, got2 = await bus.read_step("e0", msg_id, block_ms=100)
+    assert got2.shutdown and got2.step_id == 8
+    assert await bus.stream_tail_id(bus.keys.steps("e0")) == msg_id2
+    assert await bus.read_step("e0", msg_id2, block_ms=50) is None
+
+    assert await bus.read_result("e0", "0-0", block_ms=50) is None
+    result = StepResult(step_id=7, req_ids=["r0"], sampled_token_ids=[[11]])
+    await bus.send_result("e0", result)
+    rid, got_result = await bus.read_result("e0", "0-0", block_ms=100)
+    assert got_result == result
+    assert await bus.read_result("e0", rid, block_ms=50) is None
+
+
+async def test_token_pubsub(bus: Bus):
+    channel = bus.keys.gateway_tokens("g1")
+    batches: list[TokenBatch] = []
+
+    async def listen():
+        async for b in bus.token_batches("g1"):
+            batches.append(b)
+            return
+
+    task = asyncio.create_task(listen())
+    await _wait_subscribed(bus, channel)
+    delta = TokenDelta(req_id="r0", token_ids=[1, 2], finish_reason=1, num_prompt_tokens=3)
+    batch = TokenBatch(deltas=[delta])
+    await bus.publish_tokens(channel, batch)
+    await asyncio.wait_for(task, 5)
+    assert batches == [batch]
+
+
+async def test_rank_registration(bus: Bus):
+    infos = [EngineInfo(engine_id="e1", num_blocks=10 + r, block_size=16, max_model_len=64, model_name="m",
+                        tp_rank=r, tp_size=2, eos_token_ids=[2]) for r in range(2)]
+    await bus.register_rank(infos[1], ttl_s=0.3)
+    await bus.register_rank(infos[0], ttl_s=5)
+    assert await bus.live_ranks("e1") == infos  # sorted by rank
+    assert await bus.num_ranks_alive("e1", 2) == 2
+    assert await bus.live_engines() == []  # ranks are not engines: gateways do not see them
+    await asyncio.sleep(0.5)
+    assert await bus.live_ranks("e1") == infos[:1]
+    assert await bus.num_ranks_alive("e1", 2) == 1
+    await bus.rank_heartbeat("e1", 1, ttl_s=5)
+    assert await bus.num_ranks_alive("e1", 2) == 2
+    await bus.unregister_rank("e1", 0)
+    assert await bus.live_ranks("e1") == infos[1:]
+
+
+async def test_read_request_raw(bus: Bus):
+    await bus.ensure_group()
+    await bus.redis.xadd(bus.keys.requests, {b"m": b"raw-bytes"})
+    [(msg_id, req)] = await bus.claim_requests("s")
+    assert req is None
+    assert await bus.read_request_raw(msg_id) == b"raw-bytes"
+    assert await bus.read_request_raw(b"1-1") is None
+
+
+async def test_registration_heartbeat_expiry(bus: Bus):
+    info = EngineInfo(engine_id="e0", num_blocks=64, block_size=16, max_model_len=256, model_name="m")
+    await bus.register_engine(info, ttl_s=0.3)
+    assert await bus.live_engines() == [info]
+    await bus.publish_stats(EngineStats(engine_id="e0", num_running=2, kv_cache_usage=0.5), ttl_s=5)
+    [stats] = await bus.engine_stats()
+    assert stats.num_running == 2 and stats.kv_cache_usage == 0.5
+    await asyncio.sleep(0.5)
+    assert await bus.live_engines() == []  # heartbeat expired: registered but not live
+    assert await bus.engine_stats() == []
+    await bus.heartbeat("e0", ttl_s=5)
+    assert await bus.live_engines() == [info]
+    await bus.unregister_engine("e0")
+    assert await bus.live_engines() == []
+    assert await bus.redis.hlen(bus.keys.engines) == 0
+
+
+async def test_pipelined_step_round_trips(bus: Bus):
+    await bus.ensure_group()
+    await bus.submit(_req(1))
+    plan = StepPlan(step_id=3, num_scheduled_tokens={"r1": 1}, total_num_scheduled_tokens=1)
+
+    async def executor():
+        got = await bus.read_step("e0", "0-0", block_ms=2000)
+        assert got is not None and got[1] == plan
+        await bus.send_result("e0", StepResult(step_id=3, req_ids=["r1"], sampled_token_ids=[[9]]))
+        channel = bus.keys.gateway_tokens("g")
+        batch = TokenBatch(deltas=[TokenDelta(req_id="r1", token_ids=[9])])
+        # Publishing and waiting for the next plan in one round trip.
+        return await bus.publish_tokens_and_read_step({channel: batch}, "e0", got[0], 2000)
+
+    task = asyncio.create_task(executor())
+    claimed, got = await bus.send_step_and_read_result("e0", plan, "0-0", 2000, claim=("s", 10))
+    assert [r.req_id for _, r in claimed] == ["r1"]
+    assert got is not None and got[1] == StepResult(step_id=3, req_ids=["r1"], sampled_token_ids=[[9]])
+    # Without a claim, and with nothing to read: a timeout comes back as None.
+    claimed, nothing = await bus.send_step_and_read_result("e0", StepPlan(step_id=4), got[0], 50)
+    assert claimed == [] and nothing is None
+    next_step = await asyncio.wait_for(task, 5)
+    assert next_step is not None and next_step[1].step_id == 4
+    assert await bus.publish_tokens_and_read_step({}, "e0", next_step[0], 50) is None  # timeout
+    # A malformed result is reported as (id, None), not raised.
+    await bus.redis.xadd(bus.keys.results("e0"), {b"m": b"\x00junk"})
+    _, bad = await bus.send_step_and_read_result("e0", StepPlan(step_id=5), got[0], 500)
+    assert bad is not None and bad[1] is None

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared.telemetry import GenAI, RequestSpans, extract_context, init_tracing, inject_traceparent
+
+
+def _provider():
+    exporter = InMemorySpanExporter()
+    provider = init_tracing("test", None, processor=SimpleSpanProcessor(exporter), set_global=False)
+    return provider, exporter
+
+
+def test_traceparent_continues_the_trace():
+    provider, exporter = _provider()
+    tracer = provider.get_tracer("gateway")
+    with tracer.start_as_current_span("gateway.request") as parent:
+        tp = inject_traceparent()
+    assert tp.startswith("00-") and len(tp.split("-")) == 4
+
+    # Elsewhere (another process in real life): continue from the string alone.
+    with tracer.start_as_current_span("scheduler.request", context=extract_context(tp)):
+        pass
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    child = spans["scheduler.request"]
+    assert child.context.trace_id == parent.get_span_context().trace_id
+    assert child.parent is not None and child.parent.span_id == parent.get_span_context().span_id
+
+
+def test_no_traceparent_means_no_parent():
+    assert inject_traceparent() == ""  # no current span
+    assert extract_context("") is None
+    ctx = extract_context("garbage")
+    assert not trace.get_current_span(ctx).get_span_context().is_valid
+
+
+def test_request_spans_carry_gen_ai_attributes():
+    provider, exporter = _provider()
+    with provider.get_tracer("gw").start_as_current_span("gw") as parent:
+        tp = inject_traceparent()
+    spans = RequestSpans(provider, "folio-scheduler", "folio.scheduler.request")
+    spans.start("r1", tp, {GenAI.REQUEST_MAX_TOKENS: 8, GenAI.USAGE_PROMPT_TOKENS: 5})
+    spans.start("r2", "", {})  # untraced request: no span
+    assert "r1" in spans and "r2" not in spans
+    spans.end("r1", {GenAI.USAGE_COMPLETION_TOKENS: 8})
+    spans.end("r2")
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "folio.scheduler.request"]
+    assert span.parent.span_id == parent.get_span_context().span_id
+    assert span.attributes[GenAI.REQUEST_ID] == "r1"
+    assert span.attributes[GenAI.REQUEST_MAX_TOKENS] == 8
+    assert span.attributes[GenAI.USAGE_PROMPT_TOKENS] == 5
+    assert span.attributes[GenAI.USAGE_COMPLETION_TOKENS] == 8
+
+
+def test_disabled_spans_are_noops():
+    spans = RequestSpans(None, "x", "y")
+    assert not spans.enabled
+    spans.start("r", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", {})
+    assert "r" not in spans
+    spans.end("r")
