@@ -18,6 +18,10 @@ generator shares the CPU with the server, and a heavyweight client would skew th
 
 from __future__ import annotations
 
+import os as _os
+
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any torch import
+
 import argparse
 import asyncio
 import json

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
+import sys
 import time
+from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
 def make_prompts(vocab_size: int, num: int, length: int, seed: int = 0) -> list[list[int]]:

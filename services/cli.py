@@ -25,6 +25,10 @@ from shared.cli_args import (
     engine_config_from_args,
 )
 
+# Passive OpenMP waits: busy-waiting threads of one service (or of a client on the same
+# host) stall the others' torch ops badly on small machines. torch reads it when it loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 log = logging.getLogger("folio")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

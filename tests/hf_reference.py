@@ -23,8 +23,13 @@ def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -
     outs = []
     with torch.inference_mode():
         for p in prompts:
+            ids = torch.tensor([p])
             ids = model.generate(
-                torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+                ids,
+                attention_mask=torch.ones_like(ids),  # else tokens equal to pad_token_id are masked
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )[0, len(p) :].tolist()
             for i, t in enumerate(ids):
                 if t in eos_ids:
