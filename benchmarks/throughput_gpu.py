@@ -66,9 +66,12 @@ def folio_run(model_dir: str, prompts, output_len: int, dtype: str, backend: str
         attention_backend=backend,
         max_model_len=2048,
         enforce_eager=True,
+        enable_prefix_caching=False,  # the warm-up run must not leave cached prefixes
     )
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    # Warm up on the whole workload: Triton compiles a kernel variant per new specialization
+    # (shapes, divisibility of lengths), which must not land in the timed run.
+    llm.generate(prompts, params)
     sync()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -90,7 +93,7 @@ def hf_run(model_dir: str, prompts, output_len: int, dtype: str, device: str) ->
     ids = torch.tensor(prompts, device=device)
     kw = dict(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        model.generate(ids, **kw)  # warm up on the whole workload, as for folio
         sync()
         start = time.perf_counter()
         out = model.generate(ids, **kw)
