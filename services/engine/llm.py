@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
-from shared.detokenizer import IncrementalDetokenizer
 
 from services.engine.engine_core import EngineCore
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.executor.loader import load_tokenizer
 from services.scheduler.request import Request
 from shared.config import EngineConfig
+from shared.detokenizer import IncrementalDetokenizer
 from shared.protocol import FinishReason
 from shared.sampling_params import SamplingParams
 
