@@ -163,7 +163,7 @@ def test_forward_without_prepare_is_an_error():
 
 def test_factory():
     assert get_attention_backend("auto", torch.device("cpu")).name == "torch"
-    with pytest.raises(ValueError, match="CUDA"):
-        get_attention_backend("triton", torch.device("cpu"))
+    # Forced on CPU, triton runs its kernels in the interpreter (for tests and checks).
+    assert type(get_attention_backend("triton", torch.device("cpu"))).__name__ == "TritonAttentionBackend"
     with pytest.raises(ValueError, match="unknown"):
         get_attention_backend("flash", torch.device("cpu"))
