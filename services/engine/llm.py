@@ -118,7 +118,9 @@ class LLM:
             comp = child.completion
             comp.token_ids.extend(out.new_token_ids)
             if child.want_logprobs and out.new_logprobs:
-                comp.logprobs = (comp.logprobs or []) + list(out.new_logprobs)
+                if comp.logprobs is None:
+                    comp.logprobs = []
+                comp.logprobs.extend(out.new_logprobs)  # in place: no copy per token
             stopped = False
             if child.detok is not None:
                 new_text, stopped = child.detok.add(out.new_token_ids)
