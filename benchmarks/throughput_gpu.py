@@ -2,10 +2,13 @@
 
     python benchmarks/throughput_gpu.py [--batch 64 --input-len 128 --output-len 128] [--tiny]
 
-Both sides get the same 64 prompts of random token ids and generate exactly `output-len`
-tokens each (ignore EOS). transformers runs the 64 prompts as one batch (equal lengths, so
-no padding), which is its best case; folio runs them through its scheduler and paged KV
-cache. Random weights of the real shape cost the same FLOPs and bytes as real ones.
+Every engine gets the same 64 prompts of random token ids and generates exactly
+`output-len` tokens each (ignore EOS). folio runs them through its scheduler and paged KV
+cache: with CUDA graphs for decode steps (the default), and eagerly (--enforce-eager).
+transformers runs them two ways: all 64 as one batch (equal lengths, so no padding: its
+best case), and one prompt at a time (how `generate` serves requests that arrive apart;
+timed on --hf-serial-prompts prompts, since its rate does not depend on how many).
+Random weights of the real shape cost the same FLOPs and bytes as real ones.
 `--tiny` runs a small shape, for a CPU smoke test of the script itself.
 """
 
@@ -55,9 +58,10 @@ TINY = dict(
 )
 
 
-def folio_run(model_dir: str, prompts, output_len: int, dtype: str, backend: str) -> dict:
+def folio_run(model_dir: str, prompts, output_len: int, dtype: str, backend: str, eager: bool) -> dict:
     from services.engine import LLM, SamplingParams
 
+    start = time.perf_counter()
     llm = LLM(
         model_dir,
         load_format="dummy",
@@ -65,45 +69,75 @@ def folio_run(model_dir: str, prompts, output_len: int, dtype: str, backend: str
         skip_tokenizer_init=True,
         attention_backend=backend,
         max_model_len=2048,
-        enforce_eager=True,
+        enforce_eager=eager,
         enable_prefix_caching=False,  # the warm-up run must not leave cached prefixes
     )
+    load_s = time.perf_counter() - start  # includes graph capture
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     # Warm up on the whole workload: Triton compiles a kernel variant per new specialization
     # (shapes, divisibility of lengths), which must not land in the timed run.
     llm.generate(prompts, params)
     sync()
+    # Time inside the model runner (its sampler syncs with the GPU every step): the rest of
+    # a step is the scheduler and the engine's bookkeeping.
+    runner = llm.engine.runner
+    execute, in_runner = runner.execute, [0.0]
+
+    def timed_execute(plan):
+        t = time.perf_counter()
+        try:
+            return execute(plan)
+        finally:
+            in_runner[0] += time.perf_counter() - t
+
+    runner.execute = timed_execute
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     sync()
     secs = time.perf_counter() - start
     n = sum(len(o.token_ids) for o in outs)
+    graphs = llm.engine.runner.decode_graphs
+    replays = graphs.num_replays if graphs is not None else 0
     del llm
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"tok_s": n / secs, "secs": secs, "tokens": n}
+    return {
+        "tok_s": n / secs,
+        "secs": secs,
+        "tokens": n,
+        "load_s": load_s,
+        "graph_replays": replays,
+        "runner_s": in_runner[0],
+    }
 
 
-def hf_run(model_dir: str, prompts, output_len: int, dtype: str, device: str) -> dict:
+def hf_run(model_dir: str, prompts, output_len: int, dtype: str, device: str, serial_prompts: int) -> list:
+    """[batched result, one-at-a-time result] for transformers generate."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
-    ids = torch.tensor(prompts, device=device)
     kw = dict(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(ids, **kw)  # warm up on the whole workload, as for folio
-        sync()
-        start = time.perf_counter()
-        out = model.generate(ids, **kw)
-        sync()
+
+    def timed(batches: list[list[list[int]]], model=model) -> dict:
+        with torch.inference_mode():
+            model.generate(torch.tensor(batches[0], device=device), **kw)  # warm up on this shape
+            sync()
+            start = time.perf_counter()
+            n = 0
+            for batch in batches:
+                ids = torch.tensor(batch, device=device)
+                n += (model.generate(ids, **kw).shape[1] - ids.shape[1]) * ids.shape[0]
+            sync()
         secs = time.perf_counter() - start
-    n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        return {"tok_s": n / secs, "secs": secs, "tokens": n}
+
+    results = [timed([prompts]), timed([[p] for p in prompts[:serial_prompts]])]
     del model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"tok_s": n / secs, "secs": secs, "tokens": n}
+    return results
 
 
 def sync() -> None:
@@ -117,7 +151,12 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument(
+        "--folio",
+        default="triton:graphs,triton:eager,torch:eager",
+        help="folio configurations, attention backend:graphs|eager, comma-separated",
+    )
+    ap.add_argument("--hf-serial-prompts", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,23 +168,34 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         Path(d, "config.json").write_text(json.dumps(cfg))
-        for backend in args.backends.split(","):
-            r = folio_run(d, prompts, args.output_len, args.dtype, backend)
-            rows.append((f"folio ({backend} attention)", r))
+        for spec in args.folio.split(","):
+            backend, mode = spec.split(":")
+            r = folio_run(d, prompts, args.output_len, args.dtype, backend, eager=mode == "eager")
+            label = f"folio ({backend} attention, {'CUDA graphs' if mode == 'graphs' else 'eager'})"
+            rows.append((label, r))
             print(rows[-1], flush=True)
-        r = hf_run(d, prompts, args.output_len, args.dtype, device)
-        rows.append(("transformers generate (one batch)", r))
-        print(rows[-1], flush=True)
-    base = rows[-1][1]["tok_s"]
+        batched, serial = hf_run(d, prompts, args.output_len, args.dtype, device, args.hf_serial_prompts)
+        rows.append((f"transformers generate (one batch of {args.batch})", batched))
+        rows.append((f"transformers generate (one prompt at a time, {args.hf_serial_prompts} timed)", serial))
+        print(rows[-2], rows[-1], sep="\n", flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
         f"\nEngine throughput, {'tiny' if args.tiny else 'Llama-3-8B-shaped'} dummy model, {args.dtype}, "
         f"batch {args.batch}, {args.input_len} in / {args.output_len} out, {name}"
     )
-    print("| engine | output tok/s | seconds | vs transformers |")
-    print("|---|---|---|---|")
+    print("| engine | output tok/s | seconds | vs transformers batched | vs transformers one at a time |")
+    print("|---|---|---|---|---|")
     for label, r in rows:
-        print(f"| {label} | {r['tok_s']:.0f} | {r['secs']:.2f} | {r['tok_s'] / base:.2f}x |")
+        print(
+            f"| {label} | {r['tok_s']:.0f} | {r['secs']:.2f} | {r['tok_s'] / batched['tok_s']:.2f}x "
+            f"| {r['tok_s'] / serial['tok_s']:.1f}x |"
+        )
+    for label, r in rows:
+        if "load_s" in r:
+            print(
+                f"{label}: start-up {r['load_s']:.1f} s; timed run {r['secs']:.2f} s, of which "
+                f"{r['runner_s']:.2f} s in the model runner; decode steps from graphs {r['graph_replays']}"
+            )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ ENGINE_FIELDS = (
     "tensor_parallel_size",
     "attention_backend",
     "enforce_eager",
+    "cuda_graph_sizes",
     "download_dir",
     "skip_tokenizer_init",
 )
@@ -67,7 +68,15 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
-    g.add_argument("--enforce-eager", action="store_true", default=None)
+    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    g.add_argument(
+        "--cuda-graph-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="decode batch sizes captured in CUDA graphs (default: 1 2 4 8 16 ... up to --max-num-seqs)",
+    )
     g.add_argument("--download-dir", default=None)
     g.add_argument("--skip-tokenizer-init", action="store_true", default=None)
     for flag in IGNORED_FLAGS:
@@ -138,6 +147,8 @@ def engine_args_to_argv(config: EngineConfig) -> list[str]:
                 argv.append(flag if value else "--no-enable-prefix-caching")
             elif value:
                 argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
     return argv

@@ -38,6 +38,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs
+    cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8k
     download_dir: str | None = None  # cache for converted GGUF models
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
     extra: dict = field(default_factory=dict)
@@ -72,6 +73,16 @@ class EngineConfig:
             "must be >= 2",
         )
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        if self.cuda_graph_sizes is not None:
+            sizes = self.cuda_graph_sizes
+            check(
+                isinstance(sizes, list | tuple)
+                and len(sizes) > 0
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes),
+                "cuda_graph_sizes",
+                f"must be a non-empty list of positive integers, got {sizes!r}",
+            )
+            self.cuda_graph_sizes = sorted(set(sizes))
 
     @property
     def model_name(self) -> str:

@@ -1,7 +1,8 @@
 """The model runner: one executor rank's model, KV cache and sampler, driven by step plans.
 
     execute(plan):  drop finished ─▶ add new ─▶ update cached ─▶ build batch
-                    ─▶ forward ─▶ logits of sampling rows only ─▶ sample ─▶ StepResult
+                    ─▶ forward (a CUDA graph replay for decode steps on GPU)
+                    ─▶ logits of sampling rows only ─▶ sample ─▶ StepResult
 
 The runner keeps its own copy of each request's tokens (prompt + sampled so far), so
 plans only carry diffs (see shared/protocol.py).
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from services.executor.attention import AttentionMetadata, get_attention_backend
+from services.executor.cuda_graphs import DecodeGraphs, graph_sizes
 from services.executor.input_batch import InputBatch
 from services.executor.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
 from services.executor.loader import ResolvedModel, iter_weights, resolve_model
@@ -77,6 +79,21 @@ class ModelRunner:
         )
         self.num_blocks = determine_num_blocks(config, spec, self.device, lambda: self._profile_run(spec))
         self.kv_caches = allocate_kv_cache(spec, self.num_blocks, self.device)
+        # After the KV cache: graph memory is small, and the profile run must not see it.
+        self.decode_graphs: DecodeGraphs | None = None
+        sizes, why_not = graph_sizes(config, self.device, self.attn_backend)
+        if sizes:
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                sizes,
+                max_model_len=self.max_model_len,
+                block_size=self.block_size,
+                device=self.device,
+            )
+            self.decode_graphs.capture()
+        elif self.device.type == "cuda":
+            log.info("decode steps run eagerly: %s", why_not)
 
         self.generator = make_generator(config.seed, self.device)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, generator=self.generator)
@@ -99,7 +116,11 @@ class ModelRunner:
             return StepResult(step_id=plan.step_id)
 
         inputs = batch.prepare(plan.num_scheduled_tokens)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(inputs.meta):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         requests = inputs.sampling_requests
         if not requests:  # only mid-prompt chunks this step
             return StepResult(step_id=plan.step_id)

@@ -38,6 +38,7 @@ def test_engine_flags_map_onto_engine_config():
         "--tensor-parallel-size", "1", "--attention-backend", "torch", "--load-format", "dummy",
         "--enforce-eager", "--served-model-name", "m", "--tokenizer", "tok", "--download-dir", "/tmp/d",
         "--device", "cpu", "--trust-remote-code", "--disable-log-requests",
+        "--cuda-graph-sizes", "8", "1", "8",
     ])
     config = engine_config_from_args(args)
     assert config == EngineConfig(
@@ -45,6 +46,7 @@ def test_engine_flags_map_onto_engine_config():
         block_size=8, enable_prefix_caching=False, seed=3, kv_cache_space=0.5, gpu_memory_utilization=0.5,
         num_gpu_blocks_override=99, tensor_parallel_size=1, attention_backend="torch", load_format="dummy",
         enforce_eager=True, served_model_name="m", tokenizer="tok", download_dir="/tmp/d", device="cpu",
+        cuda_graph_sizes=[1, 8],
     )
     # Forwarded to a child, the flags rebuild the same config.
     child = build_parser().parse_args(["scheduler", *engine_args_to_argv(config)])
@@ -52,12 +54,16 @@ def test_engine_flags_map_onto_engine_config():
     assert engine_config_from_args(build_parser().parse_args(["serve"])) == EngineConfig()
 
 
-def test_invalid_engine_flag_is_a_clean_error(capsys):
-    args = build_parser().parse_args(["serve", "--max-num-seqs", "0"])
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [(["--max-num-seqs", "0"], "max_num_seqs"), (["--cuda-graph-sizes", "4", "0"], "cuda_graph_sizes")],
+)
+def test_invalid_engine_flag_is_a_clean_error(capsys, argv, name):
+    args = build_parser().parse_args(["serve", *argv])
     with pytest.raises(SystemExit) as e:
         engine_config_from_args(args)
     assert e.value.code == 2
-    assert "max_num_seqs" in capsys.readouterr().err
+    assert name in capsys.readouterr().err
 
 
 def test_help_works_without_importing_the_gateway():

@@ -44,6 +44,10 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and computes attention over it."""
 
     name: str = "abstract"
+    # True when forward() of a pure-decode step can be captured in a CUDA graph: no host
+    # syncs, no allocations whose lifetime outlasts the step, and per-step lengths read on
+    # the device (see services/executor/cuda_graphs.py).
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def prepare(self, meta: AttentionMetadata) -> None:

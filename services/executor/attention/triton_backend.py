@@ -33,6 +33,7 @@ class _DecodePlan:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_cuda_graphs = True
 
     def __init__(self, num_splits: int | None = None) -> None:
         # num_splits: force the decode split-K count (tests, benchmarks); None picks per step.
@@ -40,8 +41,10 @@ class TritonAttentionBackend(AttentionBackend):
         self._meta: AttentionMetadata | None = None
         self._plan: _DecodePlan | None = None
         # Scratch for split-K partials: grows, never shrinks, so steady-state steps allocate
-        # nothing and a captured CUDA graph keeps pointing at live memory.
+        # nothing. A buffer it outgrows stays alive in _retired, since a captured CUDA graph
+        # may still point at it.
         self._workspace: torch.Tensor | None = None
+        self._retired: list[torch.Tensor] = []
         self._num_sms: dict[int, int] = {}
 
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -105,6 +108,8 @@ class TritonAttentionBackend(AttentionBackend):
         if need:
             ws = self._workspace
             if ws is None or ws.numel() < need or ws.device != q.device:
+                if ws is not None:
+                    self._retired.append(ws)
                 ws = self._workspace = torch.empty(need, dtype=torch.float32, device=q.device)
             workspace = ws
         self._plan = _DecodePlan(heads, splits, workspace)

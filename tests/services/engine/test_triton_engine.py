@@ -17,7 +17,15 @@ PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 
 
 
 def run(path, backend: str, **kw) -> list[list[int]]:
-    llm = LLM(str(path), attention_backend=backend, dtype="float32", skip_tokenizer_init=True, **kw)
+    # A fixed cache size: on a GPU, parallel test workers must not each claim 90% of memory.
+    llm = LLM(
+        str(path),
+        attention_backend=backend,
+        dtype="float32",
+        skip_tokenizer_init=True,
+        num_gpu_blocks_override=512,
+        **kw,
+    )
     assert type(llm.engine.runner.attn_backend).__name__.lower().startswith(backend)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     first = llm.generate(PROMPTS, params)
