@@ -63,6 +63,12 @@ class LLM:
             text, token_ids = None, [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("The prompt is empty: it must contain at least one token.")
+        vocab = self.engine.runner.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            # Checked here: on a GPU an out-of-range id reaches the embedding as a device-side
+            # assert, which takes the whole CUDA context down with it.
+            raise ValueError(f"Token id {bad} is out of vocabulary (the model has {vocab} tokens).")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
         parent = RequestOutput(request_id, text, token_ids, outputs=[])

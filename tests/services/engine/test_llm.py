@@ -126,5 +126,8 @@ def test_logprobs_and_errors(smollm2_dir):
         llm.generate([1] * 64, GREEDY)  # prompt fills max_model_len
     with pytest.raises(ValueError):
         llm.generate([[]], GREEDY)
+    for bad_id in (49152, -1):
+        with pytest.raises(ValueError, match=f"Token id {bad_id} is out of vocabulary"):
+            llm.generate([1, bad_id, 3], GREEDY)
     # The engine still serves after rejecting bad prompts.
     assert len(llm.generate([1, 2, 3], GREEDY)[0].token_ids) > 0

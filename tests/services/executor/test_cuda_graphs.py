@@ -8,6 +8,8 @@ replays must match an eager forward and give the eager engine's greedy tokens.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -86,6 +88,10 @@ def test_padded_size_picks_the_smallest_size_that_fits():
 
 
 # ---------------------------------------------------------------------- padded decode, CPU
+# The CPU bar (CI). Skipped in a GPU run (FOLIO_TEST_DEVICE=cuda), which tests real captures:
+# there, Triton 3.6's interpreter with numpy 2.5 fails on the prefill kernel's loop bounds
+# ("only 0-dimensional arrays can be converted"), which CI's Triton 3.9 / numpy 2.4 run.
+@pytest.mark.skipif(os.environ.get("FOLIO_TEST_DEVICE") == "cuda", reason="CPU interpreter test")
 @pytest.mark.parametrize(("sizes", "padded_steps"), [([2, 8], 22), ([1, 2, 4], 16)])
 def test_padded_decode_gives_the_eager_tokens(tmp_path, sizes, padded_steps):
     """Per generate: one prefill step, then 11 decode steps (the longest budget is 12).
@@ -168,7 +174,7 @@ def test_engine_with_graphs_gives_the_eager_tokens(tmp_path, max_model_len):
     """fp32 greedy tokens with and without graphs. At max_model_len 4096 the graphs are
     planned with split-K (16 splits) while eager steps over these short contexts use none."""
     path = make_tiny_model("llama", tmp_path / "m", max_position_embeddings=max_model_len)
-    prompts = PROMPTS + [[61 + i for i in range(300)], [7, 8, 9], [5] * 40, [3, 4], [6] * 33]
+    prompts = PROMPTS + [[10 + i % 240 for i in range(300)], [7, 8, 9], [5] * 40, [3, 4], [6] * 33]
     batch_params = params(logprobs=5) + [
         SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=5) for n in (10, 3, 8, 5, 2)
     ]
