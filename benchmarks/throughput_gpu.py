@@ -58,10 +58,14 @@ TINY = dict(
 )
 
 
-def folio_run(model_dir: str, prompts, output_len: int, dtype: str, backend: str, eager: bool) -> dict:
+def folio_run(
+    model_dir: str, prompts, output_len: int, dtype: str, backend: str, eager: bool, fused: bool
+) -> dict:
     from services.engine import LLM, SamplingParams
 
     start = time.perf_counter()
+    # Layers read the switch when they are built (services/executor/models/fused_ops.py).
+    os.environ["FOLIO_FUSED_KERNELS"] = "1" if fused else "0"
     llm = LLM(
         model_dir,
         load_format="dummy",
@@ -185,8 +189,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument(
         "--folio",
-        default="triton:graphs,triton:eager,torch:eager",
-        help="folio configurations, attention backend:graphs|eager, comma-separated",
+        default="triton:graphs,triton:graphs:unfused,triton:eager,torch:eager",
+        help="folio configurations, comma-separated: attention backend:graphs|eager[:unfused], "
+        "where unfused runs RMSNorm, rotary and silu-and-mul as torch ops, not Triton kernels",
     )
     ap.add_argument("--hf-serial-prompts", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
@@ -201,9 +206,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         Path(d, "config.json").write_text(json.dumps(cfg))
         for spec in args.folio.split(","):
-            backend, mode = spec.split(":")
-            r = folio_run(d, prompts, args.output_len, args.dtype, backend, eager=mode == "eager")
-            label = f"folio ({backend} attention, {'CUDA graphs' if mode == 'graphs' else 'eager'})"
+            backend, mode, *rest = spec.split(":")
+            fused = rest != ["unfused"]
+            eager = mode == "eager"
+            r = folio_run(d, prompts, args.output_len, args.dtype, backend, eager=eager, fused=fused)
+            label = f"folio ({backend} attention, {'CUDA graphs' if mode == 'graphs' else 'eager'}"
+            label += ")" if fused else ", unfused norm/rotary/silu)"
             rows.append((label, r))
             print(rows[-1], flush=True)
         batched, serial = hf_run(d, prompts, args.output_len, args.dtype, device, args.hf_serial_prompts)

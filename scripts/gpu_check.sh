@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, for a CUDA machine (the GPU image has torch, triton, pytest, transformers; msgspec
 # must be importable too, e.g. from carried wheels on PYTHONPATH):
-#   1. the Triton kernel, backend, engine and CUDA-graph tests, compiled on the GPU
+#   1. the Triton kernel, backend, fused-layer, engine and CUDA-graph tests, compiled on the GPU
 #   2. benchmarks/throughput_gpu.py: the engine vs transformers generate, 8B shape, bf16
 #   3. benchmarks/kernels.py: kernels vs the torch reference, bandwidth vs peak
 # then one summary table. Budget: 8 minutes in all (each step has its own timeout).
@@ -58,7 +58,8 @@ if "$PY" -m pytest --version >/dev/null 2>&1; then
     if "$PY" -c 'import xdist' 2>/dev/null; then xdist=(-n 8); fi
     run_step gpu_tests "${GPU_CHECK_TEST_TIMEOUT:-200}" env FOLIO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider --noconftest \
         "${xdist[@]}" tests/services/executor/kernels tests/services/executor/attention/test_triton_backend.py \
-        tests/services/executor/test_cuda_graphs.py tests/services/engine/test_triton_engine.py
+        tests/services/executor/test_cuda_graphs.py tests/services/executor/models/test_fused_ops.py \
+        tests/services/engine/test_triton_engine.py
 else
     echo "gpu_check: pytest is missing; carry a pytest wheel (see the device notes)" >&2
     names+=(gpu_tests)

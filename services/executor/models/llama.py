@@ -18,6 +18,7 @@ from torch import nn
 
 from services.executor.attention.backend import AttentionBackend, AttentionMetadata
 from services.executor.models.embedding import ParallelLMHead, VocabParallelEmbedding
+from services.executor.models.fused_ops import fused_ops_enabled
 from services.executor.models.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -97,9 +98,17 @@ class LlamaMLP(nn.Module):
             args.hidden_size, [inter, inter], bias=args.mlp_bias, **kw
         )
         self.down_proj = RowParallelLinear(inter, args.hidden_size, bias=args.mlp_bias, **kw)
+        self._silu_and_mul = None
+        if fused_ops_enabled(device):
+            from services.executor.kernels.activation import silu_and_mul
+
+            self._silu_and_mul = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self._silu_and_mul is not None:
+            return self.down_proj(self._silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

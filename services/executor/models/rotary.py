@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.executor.models.fused_ops import fused_ops_enabled
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -59,11 +61,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
         self.max_positions = max_positions
+        self._kernel = None
+        if fused_ops_enabled(device):
+            from services.executor.kernels.rotary import apply_rotary_
+
+            self._kernel = apply_rotary_
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim) -> rotated copies."""
+        """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim) -> rotated.
+
+        The fused kernel (CUDA) rotates q and k in place and returns them; torch returns copies."""
+        if self._kernel is not None:
+            self._kernel(q, k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
