@@ -13,9 +13,31 @@ once, where torch rounds after each product in bf16/fp16 (so results differ by a
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from services.executor.kernels.launch import dual_kernel, next_pow2
+
+
+@triton.jit
+def _rotate_heads(
+    base,  # this token's first head
+    stride_head,
+    cos,  # (1, HALF_PAD) fp32
+    sin,
+    offs_d,
+    mask_d,
+    NUM_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    offs_h = tl.arange(0, HEADS_PAD)
+    mask = (offs_h < NUM_HEADS)[:, None] & mask_d[None, :]
+    p1 = base + offs_h[:, None] * stride_head + offs_d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
 
 
 @dual_kernel
@@ -43,22 +65,10 @@ def _rotary_kernel(
     mask_d = offs_d < HALF
     cos = tl.load(cos_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-
-    offs_h = tl.arange(0, Q_HEADS_PAD)
-    mask = (offs_h < NUM_Q_HEADS)[:, None] & mask_d[None, :]
-    p1 = q_ptr + tok * stride_q_tok + offs_h[:, None] * stride_q_head + offs_d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
-
-    offs_h = tl.arange(0, K_HEADS_PAD)
-    mask = (offs_h < NUM_K_HEADS)[:, None] & mask_d[None, :]
-    p1 = k_ptr + tok * stride_k_tok + offs_h[:, None] * stride_k_head + offs_d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty), mask=mask)
+    q = q_ptr + tok * stride_q_tok
+    _rotate_heads(q, stride_q_head, cos, sin, offs_d, mask_d, NUM_Q_HEADS, Q_HEADS_PAD, HALF)
+    k = k_ptr + tok * stride_k_tok
+    _rotate_heads(k, stride_k_head, cos, sin, offs_d, mask_d, NUM_K_HEADS, K_HEADS_PAD, HALF)
 
 
 def apply_rotary_(
