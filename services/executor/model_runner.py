@@ -83,14 +83,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         sizes, why_not = graph_sizes(config, self.device, self.attn_backend)
         if sizes:
-            self.decode_graphs = DecodeGraphs(
-                self.model,
-                self.kv_caches,
-                sizes,
-                max_model_len=self.max_model_len,
-                block_size=self.block_size,
-                device=self.device,
-            )
+            self.decode_graphs = self.build_decode_graphs(sizes)
             self.decode_graphs.capture()
         elif self.device.type == "cuda":
             log.info("decode steps run eagerly: %s", why_not)
@@ -136,6 +129,19 @@ class ModelRunner:
             req_ids=[r.req_id for r in requests],
             sampled_token_ids=[[t] for t in out.token_ids],
             logprobs=logprobs,
+        )
+
+    def build_decode_graphs(self, sizes: list[int], capture: bool = True) -> DecodeGraphs:
+        """Graphs (not captured yet) over this runner's model and KV cache; capture=False
+        gives the same padded decode path without graphs (CPU tests)."""
+        return DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            sizes,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+            capture=capture,
         )
 
     # ------------------------------------------------------------------ profiling

@@ -110,15 +110,7 @@ def test_padded_decode_gives_the_eager_tokens(tmp_path, sizes, padded_steps):
     llm = LLM(str(path), **kw)
     runner = llm.engine.runner
     assert runner.decode_graphs is None  # never on CPU
-    runner.decode_graphs = DecodeGraphs(
-        runner.model,
-        runner.kv_caches,
-        sizes,
-        max_model_len=runner.max_model_len,
-        block_size=runner.block_size,
-        device=runner.device,
-        capture=False,
-    )
+    runner.decode_graphs = runner.build_decode_graphs(sizes, capture=False)
     tokens, logprobs = generate_twice(llm)
     assert tokens == eager_tokens
     # Padding changes the matmul row count, which may reorder float sums: 1e-5, not bits.
