@@ -27,6 +27,7 @@ padding logic is testable on CPU.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Sequence
@@ -61,7 +62,7 @@ def graph_sizes(
         # Capturing collectives needs NCCL graph support that this project cannot test yet.
         return [], "tensor_parallel_size > 1"
     if config.cuda_graph_sizes is not None:
-        sizes = sorted(s for s in config.cuda_graph_sizes if s <= config.max_num_seqs)
+        sizes = [s for s in config.cuda_graph_sizes if s <= config.max_num_seqs]  # sorted by config
     else:
         sizes = default_graph_sizes(config.max_num_seqs)
     return sizes, None if sizes else "no cuda_graph_sizes <= max_num_seqs"
@@ -143,10 +144,10 @@ class DecodeGraphs:
         )
 
     def padded_size(self, n: int) -> int:
-        for bs in self.sizes:
-            if bs >= n:
-                return bs
-        raise ValueError(f"decode batch of {n} is larger than the largest graph ({self.max_size})")
+        i = bisect.bisect_left(self.sizes, n)
+        if i == len(self.sizes):
+            raise ValueError(f"decode batch of {n} is larger than the largest graph ({self.max_size})")
+        return self.sizes[i]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decode step's hidden states, (num_seqs, hidden), from the padded graph."""
