@@ -11,7 +11,15 @@ import logging
 import os
 import sys
 
-from shared.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, ConfigError, EngineConfig
+from shared.config import (
+    ATTENTION_BACKENDS,
+    DEVICES,
+    DISTRIBUTED_BACKENDS,
+    DTYPES,
+    LOAD_FORMATS,
+    ConfigError,
+    EngineConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,10 @@ ENGINE_FIELDS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "tensor_parallel_size",
+    "data_parallel_size",
+    "distributed_init_method",
+    "distributed_backend",
+    "step_timeout",
     "attention_backend",
     "enforce_eager",
     "cuda_graph_sizes",
@@ -67,6 +79,14 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=None,
+                   help="engine replicas sharing the request stream (folio serve starts them)")
+    g.add_argument("--distributed-init-method", default=None, metavar="tcp://HOST:PORT",
+                   help="rank 0's torch.distributed store (default: rendezvous through Redis)")
+    g.add_argument("--distributed-backend", choices=DISTRIBUTED_BACKENDS, default=None,
+                   help="auto: nccl on CUDA, gloo on CPU")
+    g.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a step taking longer fails the engine (default 120)")
     g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
     g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     g.add_argument(

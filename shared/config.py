@@ -12,6 +12,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,14 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: 2048 on CPU, 8192 on GPU
     tensor_parallel_size: int = 1
+    # Engine replicas pulling from one request stream (`folio serve` starts this many engines).
+    data_parallel_size: int = 1
+    # tcp://HOST:PORT of rank 0's torch.distributed store; None: rendezvous through Redis.
+    distributed_init_method: str | None = None
+    distributed_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # Seconds a scheduler waits for one step's result before declaring its engine failed
+    # (None: resolved_step_timeout's default).
+    step_timeout: float | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8k
@@ -73,6 +82,20 @@ class EngineConfig:
             "must be >= 2",
         )
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
+        check(
+            self.distributed_backend in DISTRIBUTED_BACKENDS,
+            "distributed_backend",
+            f"must be one of {DISTRIBUTED_BACKENDS}, got {self.distributed_backend!r}",
+        )
+        check(
+            self.distributed_init_method is None
+            or (self.distributed_init_method.startswith("tcp://")
+                and self.distributed_init_method[6:].rpartition(":")[2].isdigit()),
+            "distributed_init_method",
+            f"must look like tcp://HOST:PORT, got {self.distributed_init_method!r}",
+        )
+        check(self.step_timeout is None or self.step_timeout > 0, "step_timeout", "must be > 0 seconds")
         if self.cuda_graph_sizes is not None:
             sizes = self.cuda_graph_sizes
             check(
@@ -93,6 +116,10 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 8192 if on_gpu else 2048
+
+    def resolved_step_timeout(self) -> float:
+        """A step of a full CPU budget (2048 tokens on 2 cores) can take tens of seconds."""
+        return self.step_timeout if self.step_timeout is not None else 120.0
 
     def to_dict(self) -> dict:
         return asdict(self)
