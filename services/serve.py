@@ -1,15 +1,23 @@
 """`folio serve`: the whole system in one command, as child processes.
 
     folio serve ─┬─ redis-server (private, unix socket)     unless --redis-url
-                 ├─ folio executor --tp-rank r              one per rank
-                 ├─ folio scheduler
+                 ├─ engine e0 ─┬─ folio scheduler            one engine per --data-parallel-size
+                 │             └─ folio executor --tp-rank r  one per rank
+                 ├─ engine e1 ...
                  └─ folio gateway --host --port
 
 The children are the same entry points compose and k8s run. Each child gets its own
 session (a terminal's Ctrl-C reaches only this supervisor, which then stops them in
-order: gateway and scheduler first, so the scheduler can tell the executors to shut
-down, then executors, then Redis) and dies with the supervisor if it is killed. A child
-that exits on its own is reported by name and exit code and stops everything.
+order: gateway and schedulers first, so each scheduler can tell its executors to shut
+down, then executors, then Redis) and dies with the supervisor if it is killed.
+
+A child that dies before the server is ready stops everything (a bad model or flag would
+only die again). Once ready, a dead child is reported and restarted, as a restart policy
+would: a scheduler or the gateway alone; an executor rank together with the other ranks
+of its engine (they formed one torch.distributed group, which cannot take in a new
+member: all of them rendezvous afresh). The engine's requests are resumed meanwhile (see
+services/scheduler/service.py). A unit that dies more than MAX_RESTARTS times within
+RESTART_WINDOW_S is crash-looping: then everything stops with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from shared.config import EngineConfig
 from shared.redis_server import PrivateRedis, RedisNotFoundError, die_with_parent, start_private_redis
 
 GRACE_S = 5.0  # per stage, before SIGKILL
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 120.0
 # The health probe goes to our own child: never through an http_proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -53,6 +63,9 @@ def _describe_exit(rc: int) -> str:
 class Child:
     name: str
     role: str  # executor | scheduler | gateway
+    unit: str  # children restarted together: "gateway", "scheduler e0", "executors e0"
+    argv: list[str]
+    extra_env: dict[str, str] | None
     proc: subprocess.Popen
 
 
@@ -62,6 +75,7 @@ class Supervisor:
         self.redis: PrivateRedis | None = None
         self.stop_requested = False
         self._signals = 0
+        self._restarts: dict[str, list[float]] = {}
 
     def on_signal(self, signum: int, _frame) -> None:
         self._signals += 1
@@ -71,13 +85,17 @@ class Supervisor:
                 if c.proc.poll() is None:
                     c.proc.kill()
 
-    def spawn(self, name: str, role: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+    def spawn(self, name: str, role: str, unit: str, argv: list[str],
+              extra_env: dict[str, str] | None = None) -> None:
+        self.children.append(Child(name, role, unit, argv, extra_env, self._start(argv, extra_env)))
+
+    @staticmethod
+    def _start(argv: list[str], extra_env: dict[str, str] | None) -> subprocess.Popen:
         env = {**os.environ, **(extra_env or {})}
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], env=env,
+        return subprocess.Popen([sys.executable, "-m", "services.cli", *argv], env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-        self.children.append(Child(name, role, proc))
 
     def dead_child(self) -> Child | None:
         for c in self.children:
@@ -104,26 +122,45 @@ class Supervisor:
     def watch(self) -> int:
         while not self.stop_requested:
             if (c := self.dead_child()) is not None:
-                _say(f"the {c.name} {_describe_exit(c.proc.returncode)}; stopping")
-                return 1
+                if not self.restart(c):
+                    return 1
             time.sleep(0.2)
         return 0
 
+    def restart(self, dead: Child) -> bool:
+        """Restart the dead child's unit; False if it is crash-looping."""
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(dead.unit, []) if now - t < RESTART_WINDOW_S]
+        if len(recent) >= MAX_RESTARTS:
+            _say(f"the {dead.name} {_describe_exit(dead.proc.returncode)}, its {len(recent)}th time "
+                 f"within {RESTART_WINDOW_S:.0f}s; stopping")
+            return False
+        self._restarts[dead.unit] = [*recent, now]
+        _say(f"the {dead.name} {_describe_exit(dead.proc.returncode)}; restarting {dead.unit}")
+        unit = [c for c in self.children if c.unit == dead.unit]
+        _terminate([c for c in unit if c.proc.poll() is None], grace_s=2.0)
+        for c in unit:
+            c.proc = self._start(c.argv, c.extra_env)
+        return True
+
     def stop(self) -> None:
         for roles in (("gateway", "scheduler"), ("executor",)):
-            group = [c for c in self.children if c.role in roles and c.proc.poll() is None]
-            for c in group:
-                c.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + GRACE_S
-            for c in group:
-                try:
-                    c.proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    _say(f"the {c.name} did not stop within {GRACE_S:.0f}s; killing it")
-                    c.proc.kill()
-                    c.proc.wait()
+            _terminate([c for c in self.children if c.role in roles and c.proc.poll() is None], GRACE_S)
         if self.redis is not None:
             self.redis.stop()
+
+
+def _terminate(group: list[Child], grace_s: float) -> None:
+    for c in group:
+        c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for c in group:
+        try:
+            c.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _say(f"the {c.name} did not stop within {grace_s:.0f}s; killing it")
+            c.proc.kill()
+            c.proc.wait()
 
 
 def _urls(host: str, port: int) -> tuple[str, str]:
@@ -171,13 +208,22 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         common = ["--redis-url", url, "--redis-namespace", args.redis_namespace]
         if args.otlp_traces_endpoint:
             common += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
-        engine = ["--engine-id", args.engine_id]
-        for rank in range(config.tensor_parallel_size):
-            name = "executor" if config.tensor_parallel_size == 1 else f"executor (rank {rank})"
-            sup.spawn(name, "executor", ["executor", *engine, "--tp-rank", str(rank), *common, *engine_argv])
-        sup.spawn("scheduler", "scheduler", ["scheduler", *engine, *common, *engine_argv])
+        dp, tp = config.data_parallel_size, config.tensor_parallel_size
+        # The executors share the cores: torch would start one thread per core in each.
+        threads = {} if "OMP_NUM_THREADS" in os.environ else {
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (dp * tp)))}
+        for k in range(dp):
+            engine_id = args.engine_id if dp == 1 else f"{args.engine_id}-{k}"
+            engine = ["--engine-id", engine_id]
+            of = "" if dp == 1 else f" of engine {engine_id}"
+            for rank in range(tp):
+                name = ("executor" if tp == 1 else f"executor (rank {rank})") + of
+                sup.spawn(name, "executor", f"executors {engine_id}",
+                          ["executor", *engine, "--tp-rank", str(rank), *common, *engine_argv], threads)
+            sup.spawn("scheduler" + of, "scheduler", f"scheduler {engine_id}",
+                      ["scheduler", *engine, *common, *engine_argv])
         # The API key goes by environment, not argv, so `ps` does not show it.
-        sup.spawn("gateway", "gateway",
+        sup.spawn("gateway", "gateway", "gateway",
                   ["gateway", "--host", args.host, "--port", str(args.port), *engine_argv, *common],
                   extra_env={"FOLIO_API_KEY": args.api_key} if args.api_key else None)
 

@@ -11,17 +11,26 @@ Keys (namespace `ns`, default "folio"):
     {ns}:engine:{e}:stats         string with TTL                        EngineStats
     {ns}:engine:{e}:ranks         hash tp_rank -> EngineInfo (executors, read by their scheduler)
     {ns}:engine:{e}:rank:{r}:alive string with TTL (executor heartbeat)
+    {ns}:engine:{e}:tokens        stream: the engine's durable token log   TokenBatch
+    {ns}:deadletter               stream: messages no service could decode (source, id, error, raw)
 
 The scheduler registers its engine in {ns}:engines once all its executor ranks have
 registered in {ns}:engine:{e}:ranks, so a gateway only ever sees engines ready to serve.
 
 Every stream entry has one field, b"m", holding the msgpack message.
+
+Every message read from Redis goes through one decoder (`Bus._decode`) with one policy:
+a message that does not decode is logged, copied to the dead-letter stream, and handed
+to the caller as a `Malformed` value (with its raw bytes, so the caller can still answer
+for it, e.g. fail the step it names); no service dies of a bad message.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -43,6 +52,24 @@ log = logging.getLogger(__name__)
 
 SCHEDULER_GROUP = "schedulers"
 _FIELD = b"m"
+DEADLETTER_MAXLEN = 10_000
+
+M = TypeVar("M", bound=msgspec.Struct)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A message that did not decode (already logged and dead-lettered)."""
+
+    raw: bytes
+    error: str
+
+    def header(self, type_: type[M]) -> M | None:
+        """The leading fields of the message, if at least those decode (see protocol's *Header)."""
+        try:
+            return decode(self.raw, type_)
+        except msgspec.MsgspecError:
+            return None
 
 
 class Keys:
@@ -51,6 +78,7 @@ class Keys:
         self.requests = f"{namespace}:requests"
         self.aborts = f"{namespace}:aborts"
         self.engines = f"{namespace}:engines"
+        self.deadletter = f"{namespace}:deadletter"
 
     def steps(self, engine_id: str) -> str:
         return f"{self.ns}:engine:{engine_id}:steps"
@@ -70,6 +98,9 @@ class Keys:
     def rank_alive(self, engine_id: str, tp_rank: int) -> str:
         return f"{self.ns}:engine:{engine_id}:rank:{tp_rank}:alive"
 
+    def token_log(self, engine_id: str) -> str:
+        return f"{self.ns}:engine:{engine_id}:tokens"
+
     def gateway_tokens(self, gateway_id: str) -> str:
         return f"{self.ns}:gateway:{gateway_id}:tokens"
 
@@ -88,6 +119,37 @@ class Bus:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    # ------------------------------------------------------------ the one decoder
+    async def _decode(self, source: str, entry_id: bytes | None, data, type_: type[M]) -> M | Malformed:
+        try:
+            if not isinstance(data, bytes):
+                raise msgspec.DecodeError(f"expected a bytes payload, got {type(data).__name__}")
+            return decode(data, type_)
+        except msgspec.MsgspecError as e:
+            raw = data if isinstance(data, bytes) else b""
+            where = f"{source} {entry_id.decode()}" if entry_id else source
+            log.error("malformed %s on %s: %s (moved to %s)", type_.__name__, where, e, self.keys.deadletter)
+            try:
+                await self.redis.xadd(self.keys.deadletter, {
+                    b"source": source.encode(), b"id": entry_id or b"", b"type": type_.__name__.encode(),
+                    b"error": str(e).encode(), _FIELD: raw,
+                }, maxlen=DEADLETTER_MAXLEN, approximate=True)
+            except Exception as dl:  # dead-lettering is best effort: the log line stays
+                log.warning("could not dead-letter it: %s", dl)
+            return Malformed(raw, str(e))
+
+    async def _decode_entries(self, key: str, resp, type_: type[M]) -> list[tuple[bytes, M | Malformed]]:
+        out: list[tuple[bytes, M | Malformed]] = []
+        for _stream, entries in resp or []:
+            for msg_id, fields in entries:
+                # A deleted entry still pending in a group comes back with fields None.
+                out.append((msg_id, await self._decode(key, msg_id, (fields or {}).get(_FIELD), type_)))
+        return out
+
+    async def _first_entry(self, key: str, resp, type_: type[M]) -> tuple[bytes, M | Malformed] | None:
+        entries = await self._decode_entries(key, resp, type_)
+        return entries[0] if entries else None
+
     # ------------------------------------------------------------ gateway side
     async def submit(self, req: GenerateRequest) -> None:
         await self.redis.xadd(self.keys.requests, {_FIELD: encode(req)})
@@ -98,27 +160,37 @@ class Bus:
 
     async def token_batches(self, gateway_id: str) -> AsyncIterator[TokenBatch]:
         """Yield TokenBatch messages from this gateway's channel until cancelled."""
-        async for data in self._subscribe(self.keys.gateway_tokens(gateway_id)):
-            try:
-                yield decode(data, TokenBatch)
-            except msgspec.MsgspecError as e:
-                log.error("dropping malformed token batch: %s", e)
+        channel = self.keys.gateway_tokens(gateway_id)
+        async for data in self._subscribe(channel):
+            msg = await self._decode(channel, None, data, TokenBatch)
+            if not isinstance(msg, Malformed):
+                yield msg
 
     async def live_engines(self) -> list[EngineInfo]:
         """Registered engines whose heartbeat has not expired."""
         raw = await self.redis.hgetall(self.keys.engines)
+        if not raw:
+            return []
+        ids = list(raw)
+        alive = await self.redis.mget([self.keys.alive(e.decode()) for e in ids])
         engines = []
-        for engine_id, data in raw.items():
-            if await self.redis.exists(self.keys.alive(engine_id.decode())):
-                engines.append(decode(data, EngineInfo))
+        for engine_id, beat in zip(ids, alive, strict=True):
+            if beat is None:
+                continue
+            info = await self._decode(self.keys.engines, engine_id, raw[engine_id], EngineInfo)
+            if not isinstance(info, Malformed):
+                engines.append(info)
         return engines
 
     async def engine_stats(self) -> list[EngineStats]:
         out = []
         for info in await self.live_engines():
-            data = await self.redis.get(self.keys.stats(info.engine_id))
+            key = self.keys.stats(info.engine_id)
+            data = await self.redis.get(key)
             if data is not None:
-                out.append(decode(data, EngineStats))
+                stats = await self._decode(key, None, data, EngineStats)
+                if not isinstance(stats, Malformed):
+                    out.append(stats)
         return out
 
     # ------------------------------------------------------------ scheduler side
@@ -131,61 +203,136 @@ class Bus:
 
     async def claim_requests(
         self, consumer: str, count: int = 64, block_ms: int | None = None
-    ) -> list[tuple[bytes, GenerateRequest | None]]:
-        """New requests for this consumer. A malformed entry comes back as (id, None) so the
-        caller acknowledges it and moves on; it is never half-applied."""
+    ) -> list[tuple[bytes, GenerateRequest | Malformed]]:
+        """New requests for this consumer. A malformed entry comes back as Malformed so the
+        caller acknowledges it and answers its gateway if it can; it is never half-applied."""
         return await self._read_group(consumer, ">", count, block_ms)
 
     async def pending_requests(
         self, consumer: str, count: int = 1000
-    ) -> list[tuple[bytes, GenerateRequest | None]]:
+    ) -> list[tuple[bytes, GenerateRequest | Malformed]]:
         """Requests this consumer claimed earlier and never acknowledged (e.g. before a crash)."""
         return await self._read_group(consumer, "0", count, None)
 
     async def _read_group(
         self, consumer: str, start: str, count: int, block_ms: int | None
-    ) -> list[tuple[bytes, GenerateRequest | None]]:
+    ) -> list[tuple[bytes, GenerateRequest | Malformed]]:
         resp = await self.redis.xreadgroup(
             SCHEDULER_GROUP, consumer, {self.keys.requests: start}, count=count, block=block_ms
         )
-        return self._decode_requests(resp)
+        return await self._decode_entries(self.keys.requests, resp, GenerateRequest)
 
-    @staticmethod
-    def _decode_requests(resp) -> list[tuple[bytes, GenerateRequest | None]]:
-        out: list[tuple[bytes, GenerateRequest | None]] = []
-        for _stream, entries in resp or []:
-            for msg_id, fields in entries:
-                try:
-                    out.append((msg_id, decode(fields[_FIELD], GenerateRequest)))
-                except (msgspec.MsgspecError, KeyError, TypeError) as e:  # TypeError: a deleted entry
-                    log.error("malformed request %s: %s", msg_id, e)
-                    out.append((msg_id, None))
-        return out
+    async def dead_consumers(self) -> list[str]:
+        """Consumers of the request stream holding unfinished requests whose engine heartbeat
+        has expired: their requests are for a live engine to take over."""
+        consumers = await self.redis.xinfo_consumers(self.keys.requests, SCHEDULER_GROUP)
+        names = [c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                 for c in consumers if c["pending"] > 0]
+        if not names:
+            return []
+        alive = await self.redis.mget([self.keys.alive(n) for n in names])
+        return [n for n, a in zip(names, alive, strict=True) if a is None]
 
-    async def read_request_raw(self, msg_id: bytes) -> bytes | None:
-        """The raw payload of one request entry (to salvage the reply channel of a malformed one)."""
-        entries = await self.redis.xrange(self.keys.requests, msg_id, msg_id, count=1)
-        return entries[0][1].get(_FIELD) if entries else None
+    async def take_over(
+        self, dead: str, consumer: str, min_idle_ms: int, count: int = 1000
+    ) -> list[tuple[bytes, GenerateRequest | Malformed]]:
+        """XCLAIM a dead consumer's unfinished requests for `consumer`. min_idle_ms makes the
+        claim exclusive: a claim resets an entry's idle time, so a second engine racing for
+        the same entries right after gets none of them."""
+        pending = await self.redis.xpending_range(
+            self.keys.requests, SCHEDULER_GROUP, min="-", max="+", count=count, consumername=dead)
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            return []
+        claimed = await self.redis.xclaim(self.keys.requests, SCHEDULER_GROUP, consumer, min_idle_ms, ids)
+        key = self.keys.requests
+        return await self._decode_entries(key, [(key, claimed)], GenerateRequest)
 
     async def ack_request(self, *msg_ids: bytes) -> None:
         if msg_ids:
             await self.redis.xack(self.keys.requests, SCHEDULER_GROUP, *msg_ids)
 
-    async def retire_requests(self, *msg_ids: bytes) -> None:
+    async def retire_requests(
+        self, *msg_ids: bytes, engine_id: str = "", log_min_id: bytes | None = None
+    ) -> None:
         """Acknowledge and delete finished requests' entries (one round trip), so the
-        requests stream holds only work in flight and does not grow without bound."""
-        if msg_ids:
-            async with self.redis.pipeline(transaction=False) as pipe:
+        requests stream holds only work in flight and does not grow without bound; with
+        `engine_id`, also trim that engine's token log below `log_min_id` (the oldest
+        request entry still unfinished on it: its tokens were all logged after it), or
+        empty it when `log_min_id` is None."""
+        if not msg_ids and not engine_id:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if msg_ids:
                 pipe.xack(self.keys.requests, SCHEDULER_GROUP, *msg_ids)
                 pipe.xdel(self.keys.requests, *msg_ids)
-                await pipe.execute()
+            if engine_id:
+                key = self.keys.token_log(engine_id)
+                if log_min_id is None:
+                    pipe.xtrim(key, maxlen=0)
+                else:
+                    pipe.xtrim(key, minid=log_min_id)
+            await pipe.execute()
+
+    async def read_token_log(self, engine_id: str) -> list[TokenBatch]:
+        """An engine's whole token log, oldest first (read to resume its requests)."""
+        key = self.keys.token_log(engine_id)
+        entries = await self.redis.xrange(key)
+        out = []
+        for msg_id, fields in entries:
+            msg = await self._decode(key, msg_id, fields.get(_FIELD), TokenBatch)
+            if not isinstance(msg, Malformed):
+                out.append(msg)
+        return out
+
+    async def log_and_publish(self, engine_id: str, batches: dict[str, TokenBatch]) -> None:
+        """Append deltas to an engine's token log, then publish them to their gateways, in
+        one round trip (used when a scheduler resumes requests or answers for them)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._log_and_publish(pipe, engine_id, batches)
+            await pipe.execute()
+
+    def _log_and_publish(self, pipe, engine_id: str, batches: dict[str, TokenBatch]) -> None:
+        # The log entry goes first: Redis runs a pipeline in order, so whatever reached a
+        # gateway is already in the log, whatever happens to this process mid-pipeline.
+        if not batches:
+            return
+        deltas = [d for b in batches.values() for d in b.deltas]
+        entry = encode(TokenBatch(deltas=deltas, engine_id=engine_id))
+        pipe.xadd(self.keys.token_log(engine_id), {_FIELD: entry})
+        for channel, batch in batches.items():
+            if channel:
+                pipe.publish(channel, encode(batch))
+
+    # Atomic, so an engine restarting under the same id between the checks keeps its log.
+    _FORGET = """
+    if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+    return redis.call('DEL', KEYS[3])
+    """
+
+    _TRIM_IF_IDLE = """
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+    return redis.call('XTRIM', KEYS[2], 'MAXLEN', 0)
+    """
+
+    async def trim_idle_log(self, engine_id: str) -> None:
+        """Empty an engine's token log if it holds no request at all (a restarted engine's
+        log from before, once everything in it was resumed or finished)."""
+        keys = [self.keys.requests, self.keys.token_log(engine_id)]
+        await self.redis.eval(self._TRIM_IF_IDLE, 2, *keys, SCHEDULER_GROUP, engine_id)
+
+    async def forget_engine(self, engine_id: str) -> bool:
+        """Drop the token log of an engine that is dead and has no request pending any more
+        (everything it held was taken over). True if it was dropped."""
+        keys = [self.keys.requests, self.keys.alive(engine_id), self.keys.token_log(engine_id)]
+        return bool(await self.redis.eval(self._FORGET, 3, *keys, SCHEDULER_GROUP, engine_id))
 
     async def aborts(self) -> AsyncIterator[AbortRequest]:
         async for data in self._subscribe(self.keys.aborts):
-            try:
-                yield decode(data, AbortRequest)
-            except msgspec.MsgspecError as e:
-                log.error("dropping malformed abort: %s", e)
+            msg = await self._decode(self.keys.aborts, None, data, AbortRequest)
+            if not isinstance(msg, Malformed):
+                yield msg
 
     async def send_step(self, engine_id: str, plan: StepPlan) -> None:
         # Executors read every entry; old entries are only kept for a late-starting rank.
@@ -195,12 +342,10 @@ class Bus:
 
     async def read_result(
         self, engine_id: str, last_id: bytes | str, block_ms: int = 0
-    ) -> tuple[bytes, StepResult] | None:
-        resp = await self.redis.xread({self.keys.results(engine_id): last_id}, count=1, block=block_ms)
-        for _stream, entries in resp or []:
-            for msg_id, fields in entries:
-                return msg_id, decode(fields[_FIELD], StepResult)
-        return None
+    ) -> tuple[bytes, StepResult | Malformed] | None:
+        key = self.keys.results(engine_id)
+        resp = await self.redis.xread({key: last_id}, count=1, block=block_ms)
+        return await self._first_entry(key, resp, StepResult)
 
     async def send_step_and_read_result(
         self,
@@ -209,26 +354,22 @@ class Bus:
         last_result_id: bytes | str,
         block_ms: int,
         claim: tuple[str, int] | None = None,
-    ) -> tuple[list[tuple[bytes, GenerateRequest | None]], tuple[bytes, StepResult | None] | None]:
+    ) -> tuple[list[tuple[bytes, GenerateRequest | Malformed]], tuple[bytes, StepResult | Malformed] | None]:
         """One round trip for a whole step: XADD the plan, claim up to `claim = (consumer,
         count)` new requests (taken while the executors compute), then block up to
         `block_ms` for the next result. Returns (claimed, (result id, result) or None on
-        timeout); a malformed result comes back as (id, None)."""
+        timeout)."""
+        key = self.keys.results(engine_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(self.keys.steps(engine_id), {_FIELD: encode(plan)}, maxlen=1000, approximate=True)
             if claim is not None:
                 pipe.xreadgroup(SCHEDULER_GROUP, claim[0], {self.keys.requests: ">"}, count=claim[1])
-            pipe.xread({self.keys.results(engine_id): last_result_id}, count=1, block=block_ms)
+            pipe.xread({key: last_result_id}, count=1, block=block_ms)
             replies = await pipe.execute()
-        claimed = self._decode_requests(replies[1]) if claim is not None else []
-        for _stream, entries in replies[-1] or []:
-            for msg_id, fields in entries:
-                try:
-                    return claimed, (msg_id, decode(fields[_FIELD], StepResult))
-                except (msgspec.MsgspecError, KeyError) as e:
-                    log.error("malformed step result %s: %s", msg_id, e)
-                    return claimed, (msg_id, None)
-        return claimed, None
+        claimed = []
+        if claim is not None:
+            claimed = await self._decode_entries(self.keys.requests, replies[1], GenerateRequest)
+        return claimed, await self._first_entry(key, replies[-1], StepResult)
 
     async def publish_stats(self, stats: EngineStats, ttl_s: float = 10.0) -> None:
         await self.redis.set(self.keys.stats(stats.engine_id), encode(stats), px=int(ttl_s * 1000))
@@ -241,41 +382,33 @@ class Bus:
     # ------------------------------------------------------------ executor side
     async def read_step(
         self, engine_id: str, last_id: bytes | str, block_ms: int = 0
-    ) -> tuple[bytes, StepPlan] | None:
-        resp = await self.redis.xread({self.keys.steps(engine_id): last_id}, count=1, block=block_ms)
-        for _stream, entries in resp or []:
-            for msg_id, fields in entries:
-                return msg_id, decode(fields[_FIELD], StepPlan)
-        return None
+    ) -> tuple[bytes, StepPlan | Malformed] | None:
+        key = self.keys.steps(engine_id)
+        resp = await self.redis.xread({key: last_id}, count=1, block=block_ms)
+        return await self._first_entry(key, resp, StepPlan)
 
-    async def publish_tokens_and_read_step(
-        self, batches: dict[str, TokenBatch], engine_id: str, last_id: bytes | str, block_ms: int
-    ) -> tuple[bytes, StepPlan] | None:
-        """PUBLISH token batches, then block for the next step, in one round trip."""
+    async def finish_step_and_read_next(
+        self, engine_id: str, result: StepResult | None, batches: dict[str, TokenBatch],
+        last_id: bytes | str, block_ms: int,
+    ) -> tuple[bytes, StepPlan | Malformed] | None:
+        """One round trip per step for rank 0: log the step's deltas (one entry, whatever the
+        number of requests), PUBLISH them, XADD the result, then block for the next plan.
+        Redis runs the pipeline in order, so by the time the scheduler reads the result the
+        tokens are in the log: when it retires a finished request and trims the log, no
+        entry of that request can still arrive."""
+        key = self.keys.steps(engine_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for channel, batch in batches.items():
-                pipe.publish(channel, encode(batch))
-            pipe.xread({self.keys.steps(engine_id): last_id}, count=1, block=block_ms)
+            self._log_and_publish(pipe, engine_id, batches)
+            if result is not None:
+                pipe.xadd(self.keys.results(engine_id), {_FIELD: encode(result)},
+                          maxlen=1000, approximate=True)
+            pipe.xread({key: last_id}, count=1, block=block_ms)
             replies = await pipe.execute()
-        for _stream, entries in replies[-1] or []:
-            for msg_id, fields in entries:
-                return msg_id, decode(fields[_FIELD], StepPlan)
-        return None
-
-    async def send_result(self, engine_id: str, result: StepResult) -> None:
-        await self.redis.xadd(
-            self.keys.results(engine_id), {_FIELD: encode(result)}, maxlen=1000, approximate=True
-        )
+        return await self._first_entry(key, replies[-1], StepPlan)
 
     async def publish_tokens(self, channel: str, batch: TokenBatch) -> None:
+        """A reply that is not part of any engine's token stream (e.g. a rejected request)."""
         await self.redis.publish(channel, encode(batch))
-
-    async def publish_token_batches(self, batches: dict[str, TokenBatch]) -> None:
-        """Several gateways' batches in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for channel, batch in batches.items():
-                pipe.publish(channel, encode(batch))
-            await pipe.execute()
 
     async def register_engine(self, info: EngineInfo, ttl_s: float = 10.0) -> None:
         await self.redis.hset(self.keys.engines, info.engine_id, encode(info))
@@ -289,25 +422,39 @@ class Bus:
         await self.redis.delete(self.keys.alive(engine_id), self.keys.stats(engine_id))
 
     async def register_rank(self, info: EngineInfo, ttl_s: float = 5.0) -> None:
-        """An executor rank announces itself to its scheduler (not to gateways)."""
+        """An executor rank announces itself to its scheduler (not to gateways); its heartbeat
+        key holds its incarnation."""
         await self.redis.hset(self.keys.ranks(info.engine_id), str(info.tp_rank), encode(info))
-        await self.rank_heartbeat(info.engine_id, info.tp_rank, ttl_s)
+        await self.rank_heartbeat(info.engine_id, info.tp_rank, ttl_s, info.incarnation)
 
-    async def rank_heartbeat(self, engine_id: str, tp_rank: int, ttl_s: float = 5.0) -> None:
-        await self.redis.set(self.keys.rank_alive(engine_id, tp_rank), b"1", px=int(ttl_s * 1000))
+    async def rank_heartbeat(self, engine_id: str, tp_rank: int, ttl_s: float = 5.0,
+                             incarnation: str = "") -> None:
+        await self.redis.set(self.keys.rank_alive(engine_id, tp_rank), incarnation.encode() or b"1",
+                             px=int(ttl_s * 1000))
 
     async def live_ranks(self, engine_id: str) -> list[EngineInfo]:
         """Registered executor ranks of one engine whose heartbeat has not expired, by rank."""
-        raw = await self.redis.hgetall(self.keys.ranks(engine_id))
-        infos = sorted((decode(data, EngineInfo) for data in raw.values()), key=lambda i: i.tp_rank)
+        key = self.keys.ranks(engine_id)
+        raw = await self.redis.hgetall(key)
+        infos = []
+        for rank, data in raw.items():
+            info = await self._decode(key, rank, data, EngineInfo)
+            if not isinstance(info, Malformed):
+                infos.append(info)
+        infos.sort(key=lambda i: i.tp_rank)
         if not infos:
             return []
         alive = await self.redis.mget([self.keys.rank_alive(engine_id, i.tp_rank) for i in infos])
-        return [i for i, a in zip(infos, alive, strict=True) if a is not None]
+        return [i for i, a in zip(infos, alive, strict=True)
+                if a is not None and a == (i.incarnation.encode() or b"1")]
 
-    async def num_ranks_alive(self, engine_id: str, tp_size: int) -> int:
-        """How many of ranks 0..tp_size-1 have a live heartbeat (one round trip)."""
-        return await self.redis.exists(*(self.keys.rank_alive(engine_id, r) for r in range(tp_size)))
+    async def lost_ranks(self, engine_id: str, incarnations: list[str]) -> list[int]:
+        """Ranks (of 0..len(incarnations)-1) whose heartbeat expired or now belongs to another
+        incarnation than the one given (one round trip)."""
+        keys = [self.keys.rank_alive(engine_id, r) for r in range(len(incarnations))]
+        beats = await self.redis.mget(keys)
+        return [r for r, (beat, inc) in enumerate(zip(beats, incarnations, strict=True))
+                if beat != (inc.encode() or b"1")]
 
     async def unregister_rank(self, engine_id: str, tp_rank: int) -> None:
         await self.redis.hdel(self.keys.ranks(engine_id), str(tp_rank))

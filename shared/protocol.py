@@ -100,17 +100,32 @@ class Logprobs(_Msg):
 
 
 class StepResult(_Msg):
+    """What the executors computed. Token-level finishes (EOS, stop token ids, max_tokens,
+    max_model_len) are decided here, once, by the runner that sampled the tokens; the
+    scheduler applies them and never re-derives them."""
+
     step_id: int
     req_ids: list[str] = []  # requests that sampled this step, in order
-    sampled_token_ids: list[list[int]] = []  # one list per request (several with spec decoding)
+    sampled_token_ids: list[list[int]] = []  # one list per request, cut after a finishing token
     logprobs: list[list[Logprobs]] = []  # parallel to sampled_token_ids where asked; else []
+    finish_reasons: list[int] = []  # parallel to req_ids: 0 still running, else FinishReason
     error: str = ""  # a failed step: the scheduler aborts the step's requests with this message
+
+
+class StepHeader(_Msg):
+    """The leading field of a StepPlan or StepResult: enough to answer for a malformed one."""
+
+    step_id: int
 
 
 # ---------------------------------------------------------------- executor → gateway
 class TokenDelta(_Msg):
+    """New tokens of one request. `index` is the position in the request's output of the
+    first of `token_ids`, so a gateway can drop what it already sent after a resume."""
+
     req_id: str
     token_ids: list[int]
+    index: int = 0
     logprobs: list[Logprobs] = []
     finish_reason: int = 0  # 0: not finished; else FinishReason
     num_prompt_tokens: int = 0
@@ -119,6 +134,17 @@ class TokenDelta(_Msg):
 
 class TokenBatch(_Msg):
     deltas: list[TokenDelta]
+    engine_id: str = ""  # the engine that produced the deltas ("" from a gateway's own error)
+
+
+class RequestHeader(_Msg):
+    """The leading fields of a GenerateRequest, decoded by name from a malformed one so its
+    gateway can still be told (the rest stays raw and unchecked)."""
+
+    req_id: str
+    prompt_token_ids: msgspec.Raw
+    sampling_params: msgspec.Raw
+    reply_to: str = ""
 
 
 # ---------------------------------------------------------------- registration
@@ -130,8 +156,9 @@ class EngineInfo(_Msg):
     model_name: str
     tp_rank: int = 0
     tp_size: int = 1
-    # The scheduler applies check_stop with the same EOS ids the executors use.
-    eos_token_ids: list[int] = []
+    # Random per executor process start: a rank restarted between two heartbeat checks is
+    # still a lost rank (its peers and the step in flight are gone with the old process).
+    incarnation: str = ""
     # The token budget per step the executors sized their buffers for (0: the config's).
     max_num_batched_tokens: int = 0
 

@@ -1,7 +1,9 @@
-"""When a request stops: one pure function shared by the scheduler and the executors.
+"""When a request stops at a token: one pure function, applied where tokens are sampled.
 
-Both sides apply it to the same tokens, so the executor can stream a token together
-with its finish reason while the scheduler frees the request's blocks in the same step.
+The model runner calls it right after sampling and reports the reason in its StepResult,
+so the executor streams a token together with its finish reason and the scheduler frees
+the request's blocks on that report, never deciding the same thing again. It is pure
+Python (no torch) so the scheduler tests' fake runner decides finishes the same way.
 Stop *strings* are checked where text exists (gateway, in-process engine).
 """
 

@@ -28,7 +28,6 @@ class EngineCore:
             max_num_batched_tokens=config.resolved_max_num_batched_tokens(on_gpu),
             max_model_len=self.runner.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
-            eos_token_ids=self.runner.eos_token_ids,
         )
         self.num_steps = 0
 

@@ -31,6 +31,16 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int  # tokens in the KV cache before the current step
     sampling: SamplingState
+    reply_to: str = ""  # the gateway channel its tokens stream to (executor service)
+    traceparent: str = ""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.sampling.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.sampling.output_token_ids)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -63,6 +73,8 @@ class InputBatch:
             block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             sampling=SamplingState(new.sampling_params, prompt, output, generator),
+            reply_to=new.reply_to,
+            traceparent=new.traceparent,
         )
         self.requests[new.req_id] = state
         return state

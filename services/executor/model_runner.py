@@ -2,7 +2,7 @@
 
     execute(plan):  drop finished ─▶ add new ─▶ update cached ─▶ build batch
                     ─▶ forward (a CUDA graph replay for decode steps on GPU)
-                    ─▶ logits of sampling rows only ─▶ sample ─▶ StepResult
+                    ─▶ logits of sampling rows only ─▶ sample ─▶ finish decisions ─▶ StepResult
 
 The runner keeps its own copy of each request's tokens (prompt + sampled so far), so
 plans only carry diffs (see shared/protocol.py).
@@ -28,6 +28,7 @@ from services.executor.models.registry import get_model_class
 from services.executor.sampler import Sampler, make_generator
 from shared.config import ConfigError, EngineConfig
 from shared.protocol import StepPlan, StepResult
+from shared.stop import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,13 @@ class ModelRunner:
             return StepResult(step_id=plan.step_id)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         out = self.sampler(logits, [r.sampling for r in requests])
+        finish_reasons = []
         for request, token_id in zip(requests, out.token_ids, strict=True):
             request.append_token(token_id)
+            # The one place a token-level finish is decided (the scheduler applies it).
+            reason = check_stop(request.sampling.output_token_ids, request.num_prompt_tokens,
+                                request.sampling.params, self.eos_token_ids, self.max_model_len)
+            finish_reasons.append(0 if reason is None else int(reason))
         logprobs = []
         if any(lp is not None for lp in out.logprobs):
             logprobs = [[lp] if lp is not None else [] for lp in out.logprobs]
@@ -129,6 +135,7 @@ class ModelRunner:
             req_ids=[r.req_id for r in requests],
             sampled_token_ids=[[t] for t in out.token_ids],
             logprobs=logprobs,
+            finish_reasons=finish_reasons,
         )
 
     def build_decode_graphs(self, sizes: list[int], capture: bool = True) -> DecodeGraphs:

@@ -1,14 +1,16 @@
 """The executor service: one tensor-parallel rank of an engine, over Redis.
 
     load model, size KV cache ──▶ register rank (heartbeat thread) ──▶ loop:
-        step plan → runner.execute → rank 0: XADD result, then
-        [PUBLISH tokens (one TokenBatch per gateway channel), XREAD next step]
+        step plan → runner.execute → rank 0, one round trip:
+        [XADD the step's deltas to the engine's token log, PUBLISH them (one TokenBatch
+         per gateway channel), XADD the result, XREAD next step]
 
-Tokens go straight to the gateways (not through the scheduler), each with its finish
-reason from `check_stop` — the same function the scheduler applies to the same tokens,
-so both agree on when a request ends without another round trip. The result goes out
-first, so the scheduler plans the next step while the tokens are published; publishing
-and waiting for the next plan share one pipelined round trip.
+Tokens go straight to the gateways (not through the scheduler), each delta with its
+request's output index and, on its last token, the finish reason the runner decided;
+the scheduler gets the same decision in the step result and applies it. The result goes
+out right behind the tokens in the same pipeline (so a request the scheduler retires has
+nothing more coming to the log), and waiting for the next plan shares that round trip.
+Per-request state is the runner's (`runner.input_batch.requests`); this service keeps none.
 
 The model runs on the event loop's thread (no thread hand-off on the per-token path);
 the heartbeat beats from its own thread, so a long step does not look like a dead rank.
@@ -21,16 +23,14 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections import defaultdict
-from dataclasses import dataclass
 
 import redis
 
-from shared.bus import Bus
+from shared.bus import Bus, Malformed
 from shared.config import ConfigError, EngineConfig
-from shared.protocol import EngineInfo, StepPlan, StepResult, TokenBatch, TokenDelta
-from shared.sampling_params import SamplingParams
-from shared.stop import check_stop
+from shared.protocol import EngineInfo, FinishReason, StepHeader, StepPlan, StepResult, TokenBatch, TokenDelta
 from shared.telemetry import GenAI, RequestSpans
 
 log = logging.getLogger("folio.executor")
@@ -40,31 +40,20 @@ HEARTBEAT_INTERVAL_S = 1.0
 STEP_POLL_MS = 500  # how often an idle executor checks whether it should stop
 
 
-@dataclass(slots=True)
-class _Seq:
-    """What the executor needs to stream a request's tokens: its own view, built from plans
-    (the runner's per-request state has no reply channel, and is the runner's business)."""
-
-    num_prompt_tokens: int
-    output_token_ids: list[int]
-    params: SamplingParams
-    reply_to: str
-    finished: bool = False
-
-
 class Heartbeat(threading.Thread):
     """Refreshes a TTL key from its own thread and Redis connection, whatever the loop does."""
 
-    def __init__(self, url: str, key: str, ttl_s: float, interval_s: float) -> None:
+    def __init__(self, url: str, key: str, ttl_s: float, interval_s: float, value: bytes = b"1") -> None:
         super().__init__(name="folio-heartbeat", daemon=True)
         self._client = redis.Redis.from_url(url, socket_timeout=max(interval_s, 1.0))
         self._key, self._ttl_ms, self._interval_s = key, int(ttl_s * 1000), interval_s
+        self._value = value
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval_s):
             try:
-                self._client.set(self._key, b"1", px=self._ttl_ms)
+                self._client.set(self._key, self._value, px=self._ttl_ms)
             except redis.RedisError as e:  # a Redis hiccup must not kill the rank; the next beat retries
                 log.warning("heartbeat failed: %s", e)
 
@@ -96,9 +85,7 @@ class ExecutorService:
         self.rank_ttl_s = rank_ttl_s
         self.heartbeat_s = heartbeat_s
         self.publishes = tp_rank == 0  # only rank 0 reports results and streams tokens
-        self.eos_token_ids = frozenset(runner.eos_token_ids)
-        self.max_model_len = runner.max_model_len
-        self.seqs: dict[str, _Seq] = {}
+        self.incarnation = uuid.uuid4().hex[:12]
         self.last_step_id = 0
         self.stopping = asyncio.Event()
 
@@ -115,7 +102,7 @@ class ExecutorService:
             model_name=self.config.model_name,
             tp_rank=self.tp_rank,
             tp_size=self.config.tensor_parallel_size,
-            eos_token_ids=sorted(self.eos_token_ids),
+            incarnation=self.incarnation,
             max_num_batched_tokens=runner.max_num_batched_tokens,
         )
 
@@ -128,7 +115,7 @@ class ExecutorService:
         log.info("executor %s rank %d registered: %d KV blocks of %d tokens",
                  engine_id, self.tp_rank, info.num_blocks, info.block_size)
         beat = Heartbeat(bus.url, bus.keys.rank_alive(engine_id, self.tp_rank), self.rank_ttl_s,
-                         self.heartbeat_s)
+                         self.heartbeat_s, self.incarnation.encode())
         beat.start()
         try:
             got = None
@@ -137,17 +124,22 @@ class ExecutorService:
                     got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
                     continue
                 last_id, plan = got
-                if plan.shutdown:
+                if isinstance(plan, Malformed):
+                    result = self.fail_malformed(plan)
+                    if result is None:  # not even a step id: nobody waits for an answer
+                        got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
+                        continue
+                elif plan.shutdown:
                     log.info("executor %s rank %d: shutdown requested by the scheduler",
                              engine_id, self.tp_rank)
                     break
-                result = self.execute(plan)
+                else:
+                    result = self.execute(plan)
                 if not self.publishes:
                     got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
                     continue
-                await bus.send_result(engine_id, result)
                 batches = self.token_batches(result) if result.req_ids and not result.error else {}
-                got = await bus.publish_tokens_and_read_step(batches, engine_id, last_id, STEP_POLL_MS)
+                got = await bus.finish_step_and_read_next(engine_id, result, batches, last_id, STEP_POLL_MS)
         finally:
             beat.stop()
             await bus.unregister_rank(engine_id, self.tp_rank)
@@ -156,67 +148,67 @@ class ExecutorService:
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step; a failure becomes an error result (the scheduler fails the step's
         requests) and the rank keeps serving."""
-        if plan.step_id <= self.last_step_id and self.seqs:
+        held = self.runner.input_batch.requests
+        if plan.step_id <= self.last_step_id and held:
             # Step ids only go back when a new scheduler took over this engine: the requests
             # we hold are the old one's, and nobody will ever finish them. Drop them.
-            log.warning("scheduler restarted: dropping %d request(s) of its previous run", len(self.seqs))
-            plan.finished_req_ids = [*self.seqs, *plan.finished_req_ids]
+            log.warning("scheduler restarted: dropping %d request(s) of its previous run", len(held))
+            plan.finished_req_ids = [*held, *plan.finished_req_ids]
         self.last_step_id = plan.step_id
-        self._apply_plan(plan)
+        self._trace(plan)
         try:
             return self.runner.execute(plan)
         except Exception as e:
             log.exception("step %d failed", plan.step_id)
             return StepResult(step_id=plan.step_id, error=f"executor error: {type(e).__name__}: {e}")
 
-    # ------------------------------------------------------------------ per-request view
-    def _apply_plan(self, plan: StepPlan) -> None:
-        seqs = self.seqs
+    def fail_malformed(self, bad: Malformed) -> StepResult | None:
+        """A plan that does not decode fails its step (the scheduler knows which requests it
+        held); None if not even its step id can be read."""
+        header = bad.header(StepHeader)
+        if header is None:
+            return None
+        self.last_step_id = header.step_id
+        return StepResult(step_id=header.step_id, error=f"malformed step plan: {bad.error}")
+
+    def _trace(self, plan: StepPlan) -> None:
+        if not self.spans.enabled:
+            return
         for req_id in plan.finished_req_ids:
-            if seqs.pop(req_id, None) is not None and self.spans.enabled:
-                self.spans.end(req_id)
+            self.spans.end(req_id)
         for new in plan.new_requests:
-            seqs[new.req_id] = _Seq(len(new.prompt_token_ids), list(new.output_token_ids),
-                                    new.sampling_params, new.reply_to)
-            if self.spans.enabled and new.req_id not in self.spans:
+            if new.req_id not in self.spans:
                 self.spans.start(new.req_id, new.traceparent, {
                     GenAI.USAGE_PROMPT_TOKENS: len(new.prompt_token_ids),
                     GenAI.REQUEST_MAX_TOKENS: new.sampling_params.max_tokens or 0,
                 })
 
     def token_batches(self, result: StepResult) -> dict[str, TokenBatch]:
-        """This step's new tokens, with finish reasons, grouped by gateway channel."""
+        """This step's new tokens, each delta with its output index and the finish reason the
+        runner decided, grouped by gateway channel."""
         by_channel: dict[str, list[TokenDelta]] = defaultdict(list)
-        seqs = self.seqs
+        held = self.runner.input_batch.requests
         has_logprobs = bool(result.logprobs)
+        reasons = result.finish_reasons
         for i, req_id in enumerate(result.req_ids):
-            seq = seqs.get(req_id)
-            if seq is None or seq.finished:
+            state = held.get(req_id)
+            if state is None:
                 continue
-            sampled = result.sampled_token_ids[i]
-            out = seq.output_token_ids
-            reason = None
-            n = 0
-            for tok in sampled:
-                out.append(tok)
-                n += 1
-                reason = check_stop(out, seq.num_prompt_tokens, seq.params, self.eos_token_ids,
-                                    self.max_model_len)
-                if reason is not None:
-                    seq.finished = True
-                    break
-            lps = result.logprobs[i][:n] if has_logprobs and i < len(result.logprobs) else []
-            by_channel[seq.reply_to].append(TokenDelta(
+            tokens = result.sampled_token_ids[i]
+            reason = reasons[i] if i < len(reasons) else 0
+            by_channel[state.reply_to].append(TokenDelta(
                 req_id=req_id,
-                token_ids=sampled if n == len(sampled) else sampled[:n],
-                logprobs=lps,
-                finish_reason=int(reason) if reason is not None else 0,
-                num_prompt_tokens=seq.num_prompt_tokens,
+                token_ids=tokens,
+                # The runner has appended this step's tokens already.
+                index=state.num_output_tokens - len(tokens),
+                logprobs=result.logprobs[i] if has_logprobs and i < len(result.logprobs) else [],
+                finish_reason=reason,
+                num_prompt_tokens=state.num_prompt_tokens,
             ))
-            if reason is not None and self.spans.enabled:
-                self.spans.end(req_id, {GenAI.USAGE_COMPLETION_TOKENS: len(out),
-                                        GenAI.RESPONSE_FINISH_REASONS: [reason.openai]})
-        return {ch: TokenBatch(deltas=d) for ch, d in by_channel.items() if ch}
+            if reason and self.spans.enabled:
+                self.spans.end(req_id, {GenAI.USAGE_COMPLETION_TOKENS: state.num_output_tokens,
+                                        GenAI.RESPONSE_FINISH_REASONS: [FinishReason(reason).openai]})
+        return {ch: TokenBatch(deltas=d, engine_id=self.engine_id) for ch, d in by_channel.items() if ch}
 
 
 # ---------------------------------------------------------------------- entry point

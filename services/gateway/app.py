@@ -83,7 +83,7 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
         )
     disable_created_metrics()
     bus = Bus(settings.redis_url, settings.redis_namespace)
-    client = EngineClient(bus, settings.gateway_id, dead_after_s=settings.engine_dead_after_s)
+    client = EngineClient(bus, settings.gateway_id, resume_timeout_s=settings.resume_timeout_s)
     model_name = settings.served_model_name or settings.model
     state = GatewayState(
         settings, tokenizer, client, GatewayMetrics(model_name), GatewayTracer(settings.otlp_traces_endpoint)

@@ -9,8 +9,14 @@ One subscription per gateway (not per request): the subscriber task routes each
 TokenDelta by req_id to the queue of the HTTP request that owns it, so the per-token
 path is one dict lookup and one `put_nowait`. Aborts are queued synchronously (handlers
 call `abort` from `finally` blocks, even while being cancelled) and published in batches
-by a background task. A watchdog fails in-flight requests with an error when no engine
-is alive any more, so no request waits forever.
+by a background task.
+
+Every delta carries the output index of its first token, and every batch the engine that
+produced it. A request resumed on another engine after a crash re-sends what it had
+generated; the route keeps the next index it expects and passes on only what is new, so
+a client sees each token exactly once, in order. A watchdog ends a request whose engine
+is dead (or, before its first token, while no engine is alive) and that nothing has
+resumed within `resume_timeout_s`, so no request waits forever.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import asyncio
 import logging
 import time
 
+import msgspec
+
 from shared.bus import Bus
-from shared.protocol import EngineInfo, GenerateRequest, TokenDelta
+from shared.protocol import EngineInfo, GenerateRequest, TokenBatch, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,18 @@ class RequestStream:
             return None
 
 
+class _Route:
+    """Where one engine request's deltas go, and how far its client has got."""
+
+    __slots__ = ("stream", "next_index", "engine_id", "stalled_since")
+
+    def __init__(self, stream: RequestStream) -> None:
+        self.stream = stream
+        self.next_index = 0  # output index of the next token the client has not seen
+        self.engine_id = ""  # the engine that last sent it something ("" before that)
+        self.stalled_since: float | None = None  # when the watchdog found its engine gone
+
+
 class EngineClient:
     def __init__(
         self,
@@ -55,12 +75,12 @@ class EngineClient:
         *,
         engine_cache_s: float = 1.0,
         watchdog_interval_s: float = 1.0,
-        dead_after_s: float = 3.0,
+        resume_timeout_s: float = 30.0,
     ) -> None:
         self.bus = bus
         self.gateway_id = gateway_id
         self.reply_to = bus.keys.gateway_tokens(gateway_id)
-        self._streams: dict[str, RequestStream] = {}
+        self._routes: dict[str, _Route] = {}
         self._pending_aborts: list[str] = []
         self._abort_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -69,7 +89,7 @@ class EngineClient:
         self._refresh: asyncio.Future | None = None
         self._engine_cache_s = engine_cache_s
         self._watchdog_interval_s = watchdog_interval_s
-        self._dead_after_s = dead_after_s
+        self._resume_timeout_s = resume_timeout_s
         self._subscribed = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -90,8 +110,8 @@ class EngineClient:
         raise RuntimeError(f"could not subscribe to {self.reply_to} within {_READY_TIMEOUT_S}s")
 
     async def stop(self) -> None:
-        if self._streams:
-            self.abort(list(self._streams))
+        if self._routes:
+            self.abort(list(self._routes))
             await self._flush_aborts()
         for t in self._tasks:
             t.cancel()
@@ -100,7 +120,7 @@ class EngineClient:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._routes)
 
     # ------------------------------------------------------------------ engines
     async def engines(self, fresh: bool = False) -> list[EngineInfo]:
@@ -125,7 +145,7 @@ class EngineClient:
         """Register a queue for the requests, then send them (tokens may arrive at once)."""
         stream = RequestStream([r.req_id for r in reqs])
         for r in reqs:
-            self._streams[r.req_id] = stream
+            self._routes[r.req_id] = _Route(stream)
         try:
             for r in reqs:
                 await self.bus.submit(r)
@@ -136,28 +156,21 @@ class EngineClient:
 
     def abort(self, req_ids: list[str]) -> None:
         """Stop routing these requests and tell the engines (sync: safe in `finally`)."""
-        to_abort = [rid for rid in req_ids if self._streams.pop(rid, None) is not None]
+        to_abort = [rid for rid in req_ids if self._routes.pop(rid, None) is not None]
         if to_abort:
             self._pending_aborts.extend(to_abort)
             self._abort_event.set()
 
     def finished(self, req_id: str) -> None:
         """The engine finished this request: stop routing it (no abort needed)."""
-        self._streams.pop(req_id, None)
+        self._routes.pop(req_id, None)
 
     # ------------------------------------------------------------------ background tasks
     async def _subscriber(self) -> None:
         while True:
             try:
                 async for batch in self.bus.token_batches(self.gateway_id):
-                    streams = self._streams
-                    for delta in batch.deltas:
-                        stream = streams.get(delta.req_id)
-                        if stream is None:
-                            continue  # aborted, or another gateway's leftover
-                        if delta.finish_reason or delta.error:
-                            del streams[delta.req_id]
-                        stream.queue.put_nowait(delta)
+                    self._route(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -166,6 +179,32 @@ class EngineClient:
                 log.error("token subscription failed (%s); resubscribing", e)
                 self._fail_all(f"lost the connection to the token stream: {e}")
                 await asyncio.sleep(0.5)
+
+    def _route(self, batch: TokenBatch) -> None:
+        routes = self._routes
+        for delta in batch.deltas:
+            route = routes.get(delta.req_id)
+            if route is None:
+                continue  # aborted, or another gateway's leftover
+            if batch.engine_id:
+                route.engine_id = batch.engine_id
+            ended = bool(delta.finish_reason or delta.error)
+            seen = route.next_index - delta.index
+            if seen > 0 and delta.token_ids:
+                # A resumed request re-sends what it had generated: pass on only what is new.
+                if seen >= len(delta.token_ids) and not ended:
+                    continue
+                delta = msgspec.structs.replace(
+                    delta, token_ids=delta.token_ids[seen:], index=route.next_index,
+                    logprobs=delta.logprobs[seen:] if delta.logprobs else [])
+            elif seen < 0:
+                log.error("request %s: tokens %d..%d never arrived", delta.req_id, route.next_index,
+                          delta.index - 1)
+            route.next_index = max(route.next_index, delta.index + len(delta.token_ids))
+            route.stalled_since = None
+            if ended:
+                del routes[delta.req_id]
+            route.stream.queue.put_nowait(delta)
 
     async def _aborter(self) -> None:
         while True:
@@ -183,26 +222,36 @@ class EngineClient:
             log.error("could not publish abort of %d request(s): %s", len(ids), e)
 
     async def _watchdog(self) -> None:
-        dead_since: float | None = None
         while True:
             await asyncio.sleep(self._watchdog_interval_s)
-            if not self._streams:
-                dead_since = None
-                continue
-            alive = await self.engines(fresh=True)
-            now = time.monotonic()
-            if alive:
-                dead_since = None
-            elif dead_since is None:
-                dead_since = now
-            elif now - dead_since >= self._dead_after_s:
-                self._fail_all("no engine is alive to finish the request")
-                dead_since = None
+            if self._routes:
+                alive = {e.engine_id for e in await self.engines(fresh=True)}
+                self._check_routes(alive, time.monotonic())
+
+    def _check_routes(self, alive: set[str], now: float) -> None:
+        """End requests nothing can finish: the engine that served it is gone (or, before
+        any token, no engine is alive) and no engine has resumed it for resume_timeout_s."""
+        doomed = []
+        for req_id, route in self._routes.items():
+            if (route.engine_id in alive) if route.engine_id else bool(alive):
+                route.stalled_since = None
+            elif route.stalled_since is None:
+                route.stalled_since = now
+            elif now - route.stalled_since >= self._resume_timeout_s:
+                doomed.append(req_id)
+        if doomed:
+            why = ("the engine serving the request failed and no engine resumed it within "
+                   f"{self._resume_timeout_s:g}s")
+            self._fail(doomed, why)
 
     def _fail_all(self, message: str) -> None:
-        streams, self._streams = self._streams, {}
-        for rid, stream in streams.items():
-            stream.queue.put_nowait(TokenDelta(req_id=rid, token_ids=[], error=message))
-        if streams:
-            self._pending_aborts.extend(streams)
+        self._fail(list(self._routes), message)
+
+    def _fail(self, req_ids: list[str], message: str) -> None:
+        for rid in req_ids:
+            route = self._routes.pop(rid)
+            route.stream.queue.put_nowait(TokenDelta(req_id=rid, token_ids=[], index=route.next_index,
+                                                     error=message))
+        if req_ids:
+            self._pending_aborts.extend(req_ids)
             self._abort_event.set()

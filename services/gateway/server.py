@@ -61,6 +61,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         help='CORS origins: a JSON list or comma-separated ("*" for any)',
     )
+    add(
+        "--resume-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a request whose engine failed waits to be resumed before it fails",
+    )
     add("--access-log", action="store_true", help="log every HTTP request")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     if not _has(parser, "--max-model-len"):
@@ -86,6 +93,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_model_len=getattr(args, "max_model_len", None),
         allowed_origins=getattr(args, "allowed_origins", None) or [],
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
+        resume_timeout_s=getattr(args, "resume_timeout", None) or 30.0,
     )
 
 

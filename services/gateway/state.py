@@ -28,8 +28,9 @@ class GatewaySettings:
     max_model_len: int | None = None
     allowed_origins: list[str] = field(default_factory=list)
     otlp_traces_endpoint: str | None = None
-    # How long an engine may be missing before in-flight requests fail (s).
-    engine_dead_after_s: float = 3.0
+    # How long a request whose engine died may wait to be resumed by another engine (or,
+    # before its first token, for any engine to be alive) before it fails (s).
+    resume_timeout_s: float = 30.0
 
 
 @dataclass

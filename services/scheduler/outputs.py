@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from services.scheduler.request import Request
 from shared.protocol import FinishReason, Logprobs
 
 
@@ -20,6 +21,12 @@ class EngineCoreOutput(NamedTuple):
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str = ""
+    # The request itself, for the owner of what lives outside the scheduler (its stream
+    # entry, its reply channel, its span); a finished one is no longer in Scheduler.requests.
+    request: Request | None = None
+    # The executors streamed this finish to the client with the tokens (they decided it);
+    # False for a finish only the scheduler could decide, which it must then report itself.
+    streamed: bool = False
 
     @property
     def finished(self) -> bool:

@@ -55,6 +55,8 @@ class Request:
     reply_to: str = ""
     arrival_time: float = field(default_factory=time.time)
     traceparent: str = ""
+    # The request's entry in the requests stream (acknowledged when it finishes); b"" in-process.
+    stream_id: bytes = b""
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose KV is in the cache (or scheduled to be written by the step in flight:
     # the scheduler advances it when it schedules, not when the step returns).
@@ -69,7 +71,7 @@ class Request:
     block_hashes: list[Any] = field(default_factory=list, repr=False)
 
     @classmethod
-    def from_generate_request(cls, msg: GenerateRequest) -> Request:
+    def from_generate_request(cls, msg: GenerateRequest, stream_id: bytes = b"") -> Request:
         return cls(
             req_id=msg.req_id,
             prompt_token_ids=list(msg.prompt_token_ids),
@@ -77,6 +79,7 @@ class Request:
             reply_to=msg.reply_to,
             arrival_time=msg.arrival_time or time.time(),
             traceparent=msg.traceparent,
+            stream_id=stream_id,
         )
 
     @property

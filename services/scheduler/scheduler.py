@@ -19,13 +19,12 @@ when it *returns* (`update_from_output`). Steps never overlap: schedule, run, up
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 
 from services.scheduler.kv_cache_manager import KVCacheManager, cdiv
 from services.scheduler.outputs import EngineCoreOutput, SchedulerStats
 from services.scheduler.request import Request, RequestStatus
 from shared.protocol import CachedRequestData, FinishReason, NewRequestData, StepPlan, StepResult
-from shared.stop import check_stop
 
 
 class Scheduler:
@@ -38,7 +37,6 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_prefix_caching: bool,
-        eos_token_ids: Collection[int],
     ) -> None:
         for name, v in (
             ("num_blocks", num_blocks),
@@ -53,7 +51,6 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         # Only unfinished requests live here; waiting and running partition them.
         self.requests: dict[str, Request] = {}
@@ -238,24 +235,16 @@ class Scheduler:
                 continue
             tokens = result.sampled_token_ids[i]
             logprobs = result.logprobs[i] if i < len(result.logprobs) else []
-            reason = None
-            n = 0
-            for tok in tokens:
-                req.output_token_ids.append(tok)
-                n += 1
-                reason = check_stop(
-                    req.output_token_ids,
-                    req.num_prompt_tokens,
-                    req.sampling_params,
-                    self.eos_token_ids,
-                    self.max_model_len,
-                )
-                if reason is not None:
-                    break
+            # The runner decided where the request ends (and cut its tokens there).
+            code = result.finish_reasons[i] if i < len(result.finish_reasons) else 0
+            reason = FinishReason(code) if code else None
+            req.output_token_ids.extend(tokens)
+            streamed = reason is not None
             if reason is None and req.num_tokens > self.kv.num_blocks * self.block_size:
                 # The next token could never be computed: the whole cache is too small for it.
+                # Only the scheduler knows the cache, so this finish is its own to report.
                 reason = FinishReason.LENGTH
-            outputs.append(self._output(req, tokens[:n], logprobs[:n], reason))
+            outputs.append(self._output(req, tokens, logprobs, reason, streamed=streamed))
             if reason is not None:
                 finished.append(req)
                 self._finish(req, reason)
@@ -271,7 +260,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ internals
     def _output(
-        self, req: Request, tokens: list[int], logprobs: list, reason: FinishReason | None, error: str = ""
+        self,
+        req: Request,
+        tokens: list[int],
+        logprobs: list,
+        reason: FinishReason | None,
+        error: str = "",
+        streamed: bool = False,
     ) -> EngineCoreOutput:
         return EngineCoreOutput(
             req.req_id,
@@ -281,6 +276,8 @@ class Scheduler:
             req.num_prompt_tokens,
             req.num_cached_tokens,
             error,
+            req,
+            streamed,
         )
 
     def _preempt(self, req: Request) -> None:

@@ -5,12 +5,21 @@
         → [XADD step, claim more, XREAD result]: one pipelined round trip
         → update → XACK finished requests → publish stats
 
-The executors stream tokens (with finish reasons, from the same `check_stop`) straight
-to the gateways; this service only speaks to a gateway when the executors cannot know:
-a rejected or malformed request, a failed step, a finish only the scheduler decides.
-It is on the critical path of every token: while busy, a step is one pipelined Redis
-round trip (XADD the plan, claim new requests, block for the result), plus an XACK/XDEL
-when requests finish.
+The executors stream tokens straight to the gateways and decide token-level finishes
+(reported in the step result, applied here, never re-derived). This service only speaks
+to a gateway for what executors cannot know: a rejected or malformed request, a failed
+step, a request whose cache can never hold its next token. It is on the critical path of
+every token: while busy, a step is one pipelined Redis round trip (XADD the plan, claim
+new requests, block for the result), plus an XACK/XDEL when requests finish.
+
+Requests survive an engine failure. A request stays pending in the requests stream
+(under this engine's consumer name) until it finishes. When the executors fail (a rank
+stops heartbeating, a step outlasts --step-timeout), this service drops its in-memory
+state without failing anything, unregisters the engine and waits for its ranks again;
+any live engine, this one once whole again included, takes over the pending requests of
+an engine whose heartbeat expired (XCLAIM, exclusive) and resumes each from the dead
+engine's token log (see resume.py): prompt plus generated tokens are prefilled again
+(prefix caching makes that cheap) and the stream goes on at the next index.
 """
 
 from __future__ import annotations
@@ -21,24 +30,24 @@ import signal
 import time
 from collections import defaultdict
 
-import msgspec
-
 from services.scheduler.outputs import EngineCoreOutput
 from services.scheduler.request import Request
+from services.scheduler.resume import carries
 from services.scheduler.scheduler import Scheduler
-from shared.bus import Bus
+from shared.bus import Bus, Malformed
 from shared.config import EngineConfig
 from shared.protocol import (
     EngineInfo,
     EngineStats,
     FinishReason,
     GenerateRequest,
+    RequestHeader,
+    StepHeader,
     StepPlan,
     StepResult,
     TokenBatch,
     TokenDelta,
 )
-from shared.stop import check_stop
 from shared.telemetry import GenAI, RequestSpans
 
 log = logging.getLogger("folio.scheduler")
@@ -49,6 +58,10 @@ STATS_INTERVAL_S = 0.5
 ENGINE_TTL_S = 5.0
 HEARTBEAT_INTERVAL_S = 1.0
 UNKNOWN_ABORT_TTL_S = 60.0  # remember aborts of not-yet-claimed requests this long
+RESCUE_INTERVAL_S = 1.0  # how often to look for requests of dead engines
+# XCLAIM only entries idle this long: a claim resets idle time, so two engines taking over
+# the same dead engine's requests never both get one.
+TAKEOVER_MIN_IDLE_MS = 2000
 
 
 class ExecutorLost(RuntimeError):
@@ -65,12 +78,14 @@ class SchedulerService:
         self.stopping = asyncio.Event()
         self.scheduler: Scheduler | None = None
         self.info: EngineInfo | None = None
-        self.live: dict[str, tuple[bytes, Request]] = {}  # req_id -> (stream entry id, request)
+        self._incarnations: list[str] = []  # of the executor ranks this engine was built on
+        self.step_timeout_s = config.resolved_step_timeout()
         self._aborts: set[str] = set()
         self._unknown_aborts: dict[str, float] = {}  # aborted before we claimed them
         self._result_id: bytes = b"0-0"
         self._step_id = 0
         self._last_stats = 0.0
+        self._last_rescue = 0.0
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -78,7 +93,6 @@ class SchedulerService:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self.bus.ensure_group()
-        await self._fail_orphans()
         aborts = asyncio.create_task(self._collect_aborts())
         try:
             while not self.stopping.is_set():
@@ -92,8 +106,12 @@ class SchedulerService:
                 try:
                     await self._serve()
                 except ExecutorLost as e:
-                    log.error("%s; failing %d in-flight request(s)", e, len(self.live))
-                    await self._fail_all(str(e))
+                    # Nothing is failed: the requests stay pending under this engine's name,
+                    # for another engine (or this one, once whole) to resume.
+                    held = len(self.scheduler.requests) if self.scheduler else 0
+                    log.error("%s; engine %s is down, %d request(s) left to be resumed",
+                              e, self.engine_id, held)
+                    self._drop_state()
                 finally:
                     beat.cancel()
                     await self.bus.unregister_engine(self.engine_id)
@@ -103,7 +121,7 @@ class SchedulerService:
 
     async def _shutdown(self) -> None:
         try:
-            if self.live:
+            if self.scheduler is not None and self.scheduler.requests:
                 await self._fail_all("the engine is shutting down")
             self._step_id += 1
             await self.bus.send_step(self.engine_id, StepPlan(step_id=self._step_id, shutdown=True))
@@ -112,23 +130,6 @@ class SchedulerService:
             log.warning("incomplete shutdown: %s", e)
         self.spans.end_all("shutdown")
         log.info("scheduler %s stopped", self.engine_id)
-
-    async def _fail_orphans(self) -> None:
-        """Requests an earlier run of this engine claimed and never finished (it crashed):
-        their clients already saw some tokens, so fail them rather than start them over."""
-        orphans = await self.bus.pending_requests(self.engine_id)
-        if not orphans:
-            return
-        log.warning("failing %d request(s) left unfinished by a previous run of engine %s",
-                    len(orphans), self.engine_id)
-        replies: dict[str, list[TokenDelta]] = defaultdict(list)
-        for _msg_id, msg in orphans:
-            if msg is not None:
-                replies[msg.reply_to].append(
-                    _error_delta(msg.req_id, "the engine restarted while serving this request",
-                                 len(msg.prompt_token_ids)))
-        await self._reply(replies)
-        await self.bus.retire_requests(*(msg_id for msg_id, _ in orphans))
 
     async def _wait_for_executors(self) -> list[EngineInfo] | None:
         """All tp ranks' EngineInfo, or None if asked to stop first."""
@@ -150,6 +151,7 @@ class SchedulerService:
 
     def _build(self, infos: list[EngineInfo]) -> None:
         rank0 = infos[0]
+        self._incarnations = [i.incarnation for i in infos]
         num_blocks = min(i.num_blocks for i in infos)
         max_model_len = min(i.max_model_len for i in infos)
         if rank0.block_size != self.config.block_size:
@@ -163,7 +165,6 @@ class SchedulerService:
             max_num_batched_tokens=budget,
             max_model_len=max_model_len,
             enable_prefix_caching=self.config.enable_prefix_caching,
-            eos_token_ids=rank0.eos_token_ids,
         )
         self.info = EngineInfo(
             engine_id=self.engine_id,
@@ -172,11 +173,10 @@ class SchedulerService:
             max_model_len=max_model_len,
             model_name=rank0.model_name,
             tp_size=self.tp_size,
-            eos_token_ids=rank0.eos_token_ids,
             max_num_batched_tokens=budget,
         )
-        self.live.clear()
         self._last_stats = 0.0
+        self._last_rescue = 0.0
         log.info("engine %s ready: %d KV blocks of %d tokens, max_model_len %d, %d tokens per step",
                  self.engine_id, num_blocks, rank0.block_size, max_model_len, budget)
 
@@ -199,6 +199,13 @@ class SchedulerService:
                 log.warning("abort subscription failed (%s); resubscribing", e)
                 await asyncio.sleep(0.5)
 
+    def _drop_state(self) -> None:
+        """Forget every request (their stream entries stay pending) and the KV cache view."""
+        if self.scheduler is not None:
+            for req_id in self.scheduler.requests:
+                self.spans.end(req_id, error="engine failed; request left to be resumed")
+        self.scheduler = None
+
     # ------------------------------------------------------------------ the loop
     async def _serve(self) -> None:
         sched = self.scheduler
@@ -207,6 +214,7 @@ class SchedulerService:
         flush = False  # finished ids the executors have not been told about yet
         stalled = False
         while not self.stopping.is_set():
+            await self._rescue()
             busy = sched.has_unfinished_requests()
             if not busy or stalled:
                 # While busy, requests are claimed during each step instead (no extra round trip).
@@ -223,47 +231,57 @@ class SchedulerService:
                 continue
             # One round trip: the plan goes out, new requests are claimed while the executors
             # compute, and the result comes back.
+            sent_at = time.monotonic()
             room = self._room()
             claimed, got = await self.bus.send_step_and_read_result(
                 self.engine_id, plan, self._result_id, RESULT_POLL_MS,
                 claim=(self.engine_id, room) if room > 0 else None)
             await self._admit(claimed)
-            result = await self._wait_result(plan, got)
+            result = await self._wait_result(plan, got, sent_at)
             outputs = sched.update_from_output(plan, result)
             await self._finish(outputs)
             await self._publish_stats(force=not sched.has_unfinished_requests())
 
-    async def _wait_result(self, plan: StepPlan, got: tuple[bytes, StepResult | None] | None) -> StepResult:
+    async def _wait_result(
+        self, plan: StepPlan, got: tuple[bytes, StepResult | Malformed] | None, sent_at: float
+    ) -> StepResult:
         while True:
             if got is None:
                 await self._check_executors(f"during step {plan.step_id}")
+                if time.monotonic() - sent_at > self.step_timeout_s:
+                    raise ExecutorLost(f"step {plan.step_id} took longer than --step-timeout "
+                                       f"{self.step_timeout_s:g}s")
             else:
                 self._result_id, result = got
-                if result is None:
-                    raise ExecutorLost(f"malformed result while waiting for step {plan.step_id}")
-                if result.step_id == plan.step_id:
+                if isinstance(result, Malformed):
+                    # One that names this step answers it; one that names nothing is skipped
+                    # (if it was the real result, the step timeout ends the wait).
+                    header = result.header(StepHeader)
+                    if header is not None and header.step_id == plan.step_id:
+                        error = f"malformed step result: {result.error}"
+                        return StepResult(step_id=plan.step_id, error=error)
+                elif result.step_id == plan.step_id:
                     if result.error:
                         log.error("step %d failed on the executors: %s", plan.step_id, result.error)
                     return result
-                log.warning("skipping result of step %d while waiting for %d", result.step_id, plan.step_id)
-            try:
-                got = await self.bus.read_result(self.engine_id, self._result_id, block_ms=RESULT_POLL_MS)
-            except msgspec.MsgspecError as e:
-                self._result_id = await self.bus.stream_tail_id(self.bus.keys.results(self.engine_id))
-                raise ExecutorLost(f"malformed step result: {e}") from e
+                else:
+                    log.warning("skipping result of step %d while waiting for %d",
+                                result.step_id, plan.step_id)
+            got = await self.bus.read_result(self.engine_id, self._result_id, block_ms=RESULT_POLL_MS)
 
     async def _check_executors(self, when: str) -> None:
-        alive = await self.bus.num_ranks_alive(self.engine_id, self.tp_size)
-        if alive < self.tp_size:
-            raise ExecutorLost(f"engine {self.engine_id}: {self.tp_size - alive} executor rank(s) "
-                               f"stopped heartbeating {when}")
+        lost = await self.bus.lost_ranks(self.engine_id, self._incarnations)
+        if lost:
+            raise ExecutorLost(f"engine {self.engine_id}: executor rank(s) {lost} stopped "
+                               f"heartbeating or restarted {when}")
 
     # ------------------------------------------------------------------ requests in
     def _room(self) -> int:
-        """How many requests to claim: keep a queue, leave the rest for other engine replicas."""
+        """How many requests to claim: what this engine can run now. The rest stay in the
+        shared stream for an engine replica with room (or for this one, a step later)."""
         sched = self.scheduler
         assert sched is not None
-        return 2 * sched.max_num_seqs - len(sched.waiting)
+        return sched.max_num_seqs - len(sched.requests)
 
     async def _claim(self, block_ms: int) -> None:
         room = self._room()
@@ -272,32 +290,56 @@ class SchedulerService:
             return
         await self._admit(await self.bus.claim_requests(self.engine_id, count=room, block_ms=block_ms))
 
-    async def _admit(self, claimed: list[tuple[bytes, GenerateRequest | None]]) -> None:
+    async def _rescue(self) -> None:
+        """Take over the unfinished requests of engines whose heartbeat expired, and this
+        engine's own from before a restart or an executor failure, at most once a second."""
+        now = time.monotonic()
+        if now - self._last_rescue < RESCUE_INTERVAL_S:
+            return
+        self._last_rescue = now
+        sched = self.scheduler
+        assert sched is not None
+        held = {r.stream_id for r in sched.requests.values()}
+        for owner in [self.engine_id, *await self.bus.dead_consumers()]:
+            taken = await self.bus.take_over(owner, self.engine_id, TAKEOVER_MIN_IDLE_MS)
+            taken = [(msg_id, msg) for msg_id, msg in taken if msg_id not in held]
+            if taken:
+                log.warning("engine %s: resuming %d request(s) of %s", self.engine_id, len(taken),
+                            "its previous run" if owner == self.engine_id else f"dead engine {owner}")
+                await self._admit(taken, resumed_from=owner)
+            if owner != self.engine_id:
+                await self.bus.forget_engine(owner)  # once all it held is taken, its log is garbage
+        if not sched.requests:
+            await self.bus.trim_idle_log(self.engine_id)
+
+    async def _admit(
+        self, claimed: list[tuple[bytes, GenerateRequest | Malformed]], resumed_from: str = ""
+    ) -> None:
         if not claimed:
             return
         sched = self.scheduler
         assert sched is not None
         replies: dict[str, list[TokenDelta]] = defaultdict(list)
         acks: list[bytes] = []
+        admitted: list[Request] = []
         for msg_id, msg in claimed:
-            if msg is None:
+            if isinstance(msg, Malformed):
                 acks.append(msg_id)
-                salvaged = await self._salvage(msg_id)
-                if salvaged is not None:
-                    req_id, reply_to = salvaged
-                    replies[reply_to].append(_error_delta(req_id, "malformed request", 0))
+                header = msg.header(RequestHeader)
+                if header is not None and header.reply_to:
+                    replies[header.reply_to].append(_error_delta(header.req_id, "malformed request", 0))
                 continue
             if self._unknown_aborts.pop(msg.req_id, None) is not None:
                 acks.append(msg_id)
                 continue
             try:
-                req = Request.from_generate_request(msg)
+                req = Request.from_generate_request(msg, msg_id)
                 sched.add_request(req)
             except ValueError as e:
                 acks.append(msg_id)
                 replies[msg.reply_to].append(_error_delta(msg.req_id, str(e), len(msg.prompt_token_ids)))
                 continue
-            self.live[req.req_id] = (msg_id, req)
+            admitted.append(req)
             if self.spans.enabled:
                 p = req.sampling_params
                 self.spans.start(req.req_id, req.traceparent, {
@@ -306,32 +348,48 @@ class SchedulerService:
                     GenAI.REQUEST_TOP_P: p.top_p,
                     GenAI.USAGE_PROMPT_TOKENS: req.num_prompt_tokens,
                 }, start_time=req.arrival_time)
+        if resumed_from and admitted:
+            await self._resume(admitted, resumed_from)
         await self._reply(replies)
         await self.bus.retire_requests(*acks)
 
-    async def _salvage(self, msg_id: bytes) -> tuple[str, str] | None:
-        """(req_id, reply_to) of a malformed request, if its payload still names them."""
-        try:
-            raw = msgspec.msgpack.decode(await self.bus.read_request_raw(msg_id) or b"")
-        except msgspec.MsgspecError:
-            return None
-        if isinstance(raw, list) and len(raw) > 3 and isinstance(raw[0], str) and isinstance(raw[3], str):
-            return (raw[0], raw[3]) if raw[3] else None
-        return None
+    async def _resume(self, reqs: list[Request], owner: str) -> None:
+        """Give taken-over requests what they generated before, from the owner's token log;
+        log it again here (this engine may fail too) and publish it (fills any gap a gateway
+        has; it drops indices it already sent). A request that had already finished is
+        finished again, without computing anything."""
+        sched = self.scheduler
+        assert sched is not None
+        found = carries(await self.bus.read_token_log(owner), {r.req_id for r in reqs})
+        batches: dict[str, list[TokenDelta]] = defaultdict(list)
+        done: list[Request] = []
+        for req in reqs:
+            carry = found.get(req.req_id)
+            if carry is None:
+                continue  # nothing was generated yet: it simply starts
+            req.output_token_ids = list(carry.token_ids)
+            batches[req.reply_to].append(carry.delta(req.req_id))
+            if carry.finish_reason:
+                done.append(req)
+        if batches:
+            await self.bus.log_and_publish(self.engine_id, {
+                ch: TokenBatch(deltas=d, engine_id=self.engine_id) for ch, d in batches.items()})
+        if done:
+            sched.abort_requests([r.req_id for r in done])
+            await self.bus.retire_requests(*(r.stream_id for r in done))
 
     async def _apply_aborts(self) -> bool:
         """Abort what the gateways asked for; True if some request was live."""
         if not self._aborts:
             return False
-        assert self.scheduler is not None
+        sched = self.scheduler
+        assert sched is not None
         ids, self._aborts = self._aborts, set()
-        done = self.scheduler.abort_requests(ids)
-        acks = []
+        stream_ids = {rid: r.stream_id for rid in ids if (r := sched.get_request(rid)) is not None}
+        done = sched.abort_requests(ids)
         for req_id in done:
-            msg_id, _ = self.live.pop(req_id)
-            acks.append(msg_id)
             self.spans.end(req_id, {GenAI.RESPONSE_FINISH_REASONS: ["abort"]})
-        await self.bus.retire_requests(*acks)
+        await self._retire([stream_ids[r] for r in done])
         now = time.monotonic()
         for req_id in ids.difference(done):
             self._unknown_aborts[req_id] = now
@@ -346,22 +404,18 @@ class SchedulerService:
     async def _finish(self, outputs: list[EngineCoreOutput]) -> None:
         acks: list[bytes] = []
         replies: dict[str, list[TokenDelta]] = defaultdict(list)
-        info = self.info
-        assert info is not None
         for o in outputs:
-            if o.finish_reason is None:
+            req = o.request
+            if o.finish_reason is None or req is None:
                 continue
-            entry = self.live.pop(o.req_id, None)
-            if entry is None:
-                continue
-            msg_id, req = entry
-            acks.append(msg_id)
+            acks.append(req.stream_id)
             if o.error:
                 replies[req.reply_to].append(_error_delta(o.req_id, o.error, o.num_prompt_tokens))
-            elif o.finish_reason != check_stop(req.output_token_ids, req.num_prompt_tokens,
-                                               req.sampling_params, info.eos_token_ids, info.max_model_len):
-                # A finish the executors cannot see (e.g. the KV cache is full for good): say it here.
+            elif not o.streamed:
+                # A finish the executors could not see (the KV cache can never hold the next
+                # token): the scheduler decided it, so the scheduler says it.
                 replies[req.reply_to].append(TokenDelta(req_id=o.req_id, token_ids=[],
+                                                        index=req.num_output_tokens,
                                                         finish_reason=int(o.finish_reason),
                                                         num_prompt_tokens=o.num_prompt_tokens))
             if self.spans.enabled:
@@ -372,26 +426,34 @@ class SchedulerService:
                 }, error=o.error)
         if replies:
             await self._reply(replies)
-        if acks:
-            await self.bus.retire_requests(*acks)
+        await self._retire(acks)
+
+    async def _retire(self, stream_ids: list[bytes]) -> None:
+        """Acknowledge finished requests and trim this engine's token log to what the
+        unfinished ones may still need (their tokens were all logged after their entry)."""
+        if not stream_ids:
+            return
+        sched = self.scheduler
+        live = [r.stream_id for r in sched.requests.values()] if sched is not None else []
+        await self.bus.retire_requests(*stream_ids, engine_id=self.engine_id,
+                                       log_min_id=min(live, key=_stream_order) if live else None)
 
     async def _fail_all(self, error: str) -> None:
+        sched = self.scheduler
+        assert sched is not None
         replies: dict[str, list[TokenDelta]] = defaultdict(list)
-        if self.scheduler is not None:
-            self.scheduler.abort_requests(list(self.live))
-        acks = []
-        for req_id, (msg_id, req) in self.live.items():
-            acks.append(msg_id)
-            replies[req.reply_to].append(_error_delta(req_id, error, req.num_prompt_tokens))
-            self.spans.end(req_id, error=error)
-        self.live.clear()
+        reqs = list(sched.requests.values())
+        sched.abort_requests([r.req_id for r in reqs])
+        for req in reqs:
+            replies[req.reply_to].append(_error_delta(req.req_id, error, req.num_prompt_tokens))
+            self.spans.end(req.req_id, error=error)
         await self._reply(replies)
-        await self.bus.retire_requests(*acks)
+        await self._retire([r.stream_id for r in reqs])
 
     async def _reply(self, replies: dict[str, list[TokenDelta]]) -> None:
         for channel, deltas in replies.items():
             if channel:
-                await self.bus.publish_tokens(channel, TokenBatch(deltas=deltas))
+                await self.bus.publish_tokens(channel, TokenBatch(deltas=deltas, engine_id=self.engine_id))
 
     async def _publish_stats(self, force: bool = False) -> bool:
         """Publish at most every STATS_INTERVAL_S unless forced; True if published."""
@@ -413,6 +475,11 @@ class SchedulerService:
             timestamp=time.time(),
         ))
         return True
+
+
+def _stream_order(stream_id: bytes) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _error_delta(req_id: str, error: str, num_prompt_tokens: int) -> TokenDelta:

@@ -289,16 +289,39 @@ def test_serve_lifecycle(tiny_model):
 
 
 @pytest.mark.slow
-def test_serve_exits_when_a_child_dies(tiny_model):
+def test_serve_restarts_a_dead_child(tiny_model):
+    """Once ready, a child killed with SIGKILL is reported and restarted (an executor with
+    the other ranks of its engine); the server answers again with the new processes."""
     serve = Serve(tiny_model)
     try:
         children = serve.wait_ready()
-        [scheduler] = [pid for pid, cmd in children.items() if "services.cli scheduler" in cmd]
-        os.kill(scheduler, signal.SIGKILL)
-        rc = serve.proc.wait(30)
-        assert rc != 0
-        err = "".join(serve.stderr)
-        assert "scheduler" in err and "SIGKILL" in err, serve.output()
+        base = f"http://127.0.0.1:{serve.port}"
+        body = {"model": str(tiny_model), "prompt": "t5 t9 t12", "max_tokens": 4, "temperature": 0,
+                "ignore_eos": True}
+        for role in ("scheduler", "executor"):
+            [pid] = [p for p, cmd in children.items() if f"services.cli {role}" in cmd]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:
+                assert serve.proc.poll() is None, serve.output()
+                now = _descendants(serve.proc.pid)
+                if any(f"services.cli {role}" in c and p not in children for p, c in now.items()):
+                    break
+                assert time.monotonic() < deadline, f"{role} not restarted\n{serve.output()}"
+                time.sleep(0.1)
+            assert f"the {role} was killed by SIGKILL; restarting" in "".join(serve.stderr), serve.output()
+            deadline = time.monotonic() + 60
+            while True:  # the restarted engine registers again, then serves
+                try:
+                    status, reply = _http(f"{base}/v1/completions", body)
+                    break
+                except urllib.error.HTTPError as e:
+                    assert e.code == 503 and time.monotonic() < deadline, serve.output()
+                    time.sleep(0.2)
+            assert status == 200 and reply["usage"]["completion_tokens"] == 4
+            children = _descendants(serve.proc.pid)
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(30) == 0, serve.output()
         time.sleep(0.2)
         assert [pid for pid in children if _alive(pid)] == [], children
     finally:

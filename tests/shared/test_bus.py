@@ -8,12 +8,13 @@ import uuid
 import msgspec
 import pytest
 
-from shared.bus import SCHEDULER_GROUP, Bus
+from shared.bus import SCHEDULER_GROUP, Bus, Malformed
 from shared.protocol import (
     EngineInfo,
     EngineStats,
     GenerateRequest,
     NewRequestData,
+    StepHeader,
     StepPlan,
     StepResult,
     TokenBatch,
@@ -85,9 +86,10 @@ async def test_pending_and_retire(bus: Bus):
     await bus.retire_requests(claimed[0][0], claimed[2][0])
     assert [r.req_id for _, r in await bus.pending_requests("s")] == ["r1"]
     assert await bus.redis.xlen(bus.keys.requests) == 1  # retired entries are deleted, not just acked
-    # An entry deleted while still pending comes back as (id, None), not as an exception.
+    # An entry deleted while still pending comes back as Malformed, not as an exception.
     await bus.redis.xdel(bus.keys.requests, claimed[1][0])
-    assert await bus.pending_requests("s") == [(claimed[1][0], None)]
+    [(msg_id, gone)] = await bus.pending_requests("s")
+    assert msg_id == claimed[1][0] and isinstance(gone, Malformed)
 
 
 async def test_claim_blocks_then_times_out(bus: Bus):
@@ -105,8 +107,13 @@ async def test_malformed_request_is_rejected_whole(bus: Bus):
     await bus.redis.xadd(bus.keys.requests, {b"m": msgspec.msgpack.encode(["r9", "abc", []])})
     await bus.submit(_req(1))
     got = await bus.claim_requests("s", count=10)
-    assert [r for _, r in got[:3]] == [None, None, None]
-    assert got[3][1] is not None and got[3][1].req_id == "r1"
+    assert [type(r) for _, r in got[:3]] == [Malformed] * 3
+    assert got[3][1].req_id == "r1"
+    # Each one is dead-lettered with where it came from and why.
+    dead = await bus.redis.xrange(bus.keys.deadletter)
+    assert [e[b"id"] for _, e in dead] == [msg_id for msg_id, _ in got[:3]]
+    assert all(e[b"source"] == bus.keys.requests.encode() and e[b"error"] for _, e in dead)
+    assert dead[0][1][b"m"] == b"\x93garbage"
 
 
 async def test_aborts_pubsub(bus: Bus):
@@ -156,7 +163,7 @@ async def test_steps_and_results(bus: Bus):
 
     assert await bus.read_result("e0", "0-0", block_ms=50) is None
     result = StepResult(step_id=7, req_ids=["r0"], sampled_token_ids=[[11]])
-    await bus.send_result("e0", result)
+    await bus.finish_step_and_read_next("e0", result, {}, msg_id2, 1)
     rid, got_result = await bus.read_result("e0", "0-0", block_ms=100)
     assert got_result == result
     assert await bus.read_result("e0", rid, block_ms=50) is None
@@ -182,28 +189,85 @@ async def test_token_pubsub(bus: Bus):
 
 async def test_rank_registration(bus: Bus):
     infos = [EngineInfo(engine_id="e1", num_blocks=10 + r, block_size=16, max_model_len=64, model_name="m",
-                        tp_rank=r, tp_size=2, eos_token_ids=[2]) for r in range(2)]
+                        tp_rank=r, tp_size=2, incarnation=f"inc{r}") for r in range(2)]
     await bus.register_rank(infos[1], ttl_s=0.3)
     await bus.register_rank(infos[0], ttl_s=5)
     assert await bus.live_ranks("e1") == infos  # sorted by rank
-    assert await bus.num_ranks_alive("e1", 2) == 2
+    assert await bus.lost_ranks("e1", ["inc0", "inc1"]) == []
     assert await bus.live_engines() == []  # ranks are not engines: gateways do not see them
     await asyncio.sleep(0.5)
     assert await bus.live_ranks("e1") == infos[:1]
-    assert await bus.num_ranks_alive("e1", 2) == 1
-    await bus.rank_heartbeat("e1", 1, ttl_s=5)
-    assert await bus.num_ranks_alive("e1", 2) == 2
+    assert await bus.lost_ranks("e1", ["inc0", "inc1"]) == [1]
+    await bus.rank_heartbeat("e1", 1, ttl_s=5, incarnation="inc1")
+    assert await bus.lost_ranks("e1", ["inc0", "inc1"]) == []
+    # A rank restarted between two checks is lost too, though its key never expired.
+    restarted = msgspec.structs.replace(infos[0], incarnation="new0")
+    await bus.register_rank(restarted, ttl_s=5)
+    assert await bus.lost_ranks("e1", ["inc0", "inc1"]) == [0]
+    assert await bus.live_ranks("e1") == [restarted, infos[1]]
     await bus.unregister_rank("e1", 0)
     assert await bus.live_ranks("e1") == infos[1:]
 
 
-async def test_read_request_raw(bus: Bus):
+async def test_malformed_messages_are_dead_lettered_everywhere(bus: Bus):
+    """One decoder, one policy: on every stream and channel a bad message is logged, copied
+    to the dead-letter stream and handed over as Malformed (with its header, if readable)."""
+    await bus.redis.xadd(bus.keys.steps("e0"), {b"m": msgspec.msgpack.encode([41, "not-a-list"])})
+    [(_, plan)] = [await bus.read_step("e0", "0-0")]  # type: ignore[misc]
+    assert isinstance(plan, Malformed) and plan.header(StepHeader) == StepHeader(step_id=41)
+    await bus.redis.xadd(bus.keys.results("e0"), {b"m": b"\xc1"})
+    _, result = await bus.read_result("e0", "0-0")
+    assert isinstance(result, Malformed) and result.header(StepHeader) is None
+    channel = bus.keys.gateway_tokens("g")
+    got: list[TokenBatch] = []
+
+    async def listen():
+        async for batch in bus.token_batches("g"):
+            got.append(batch)
+
+    task = asyncio.create_task(listen())
+    await _wait_subscribed(bus, channel)
+    await bus.redis.publish(channel, b"junk")
+    good = TokenBatch(deltas=[TokenDelta(req_id="r", token_ids=[1], index=4)], engine_id="e0")
+    await bus.publish_tokens(channel, good)
+    deadline = asyncio.get_running_loop().time() + 5
+    while not got:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert got == [good]  # the bad one was skipped, the subscription lives on
+    sources = [e[b"source"] for _, e in await bus.redis.xrange(bus.keys.deadletter)]
+    assert sources == [bus.keys.steps("e0").encode(), bus.keys.results("e0").encode(), channel.encode()]
+
+
+async def test_token_log_trim_and_take_over(bus: Bus):
     await bus.ensure_group()
-    await bus.redis.xadd(bus.keys.requests, {b"m": b"raw-bytes"})
-    [(msg_id, req)] = await bus.claim_requests("s")
-    assert req is None
-    assert await bus.read_request_raw(msg_id) == b"raw-bytes"
-    assert await bus.read_request_raw(b"1-1") is None
+    for i in range(3):
+        await bus.submit(_req(i, reply_to="gw"))
+    claimed = await bus.claim_requests("dead", count=10)
+    ids = [msg_id for msg_id, _ in claimed]
+    batch = TokenBatch(deltas=[TokenDelta(req_id=f"r{i}", token_ids=[i], index=0) for i in range(3)])
+    await bus.log_and_publish("dead", {"gw": batch})
+    more = TokenBatch(deltas=[TokenDelta(req_id="r1", token_ids=[7], index=1)])
+    await bus.log_and_publish("dead", {"gw": more})
+    assert [b.engine_id for b in await bus.read_token_log("dead")] == ["dead", "dead"]
+    # r0 finishes: the log keeps everything from the oldest unfinished request's entry on.
+    await bus.retire_requests(ids[0], engine_id="dead", log_min_id=ids[1])
+    assert len(await bus.read_token_log("dead")) == 2
+    # "dead" never heartbeats: a live engine finds it and takes its requests, exclusively.
+    await bus.heartbeat("live", ttl_s=5)
+    assert await bus.dead_consumers() == ["dead"]
+    assert await bus.take_over("dead", "live", min_idle_ms=0) != []
+    assert [m.req_id for _, m in await bus.pending_requests("live")] == ["r1", "r2"]
+    assert await bus.take_over("live", "third", min_idle_ms=60_000) == []  # too fresh: not taken
+    assert await bus.forget_engine("dead")  # nothing pending any more: its log goes
+    assert await bus.read_token_log("dead") == []
+    await bus.log_and_publish("live", {"gw": TokenBatch(deltas=[TokenDelta(req_id="r2", token_ids=[5])])})
+    await bus.retire_requests(ids[1], engine_id="live", log_min_id=ids[2])
+    assert await bus.redis.xlen(bus.keys.token_log("live")) == 1
+    # Its last request finished: nothing unfinished needs the log any more.
+    await bus.retire_requests(ids[2], engine_id="live")
+    assert await bus.redis.xlen(bus.keys.token_log("live")) == 0
 
 
 async def test_registration_heartbeat_expiry(bus: Bus):
@@ -231,11 +295,11 @@ async def test_pipelined_step_round_trips(bus: Bus):
     async def executor():
         got = await bus.read_step("e0", "0-0", block_ms=2000)
         assert got is not None and got[1] == plan
-        await bus.send_result("e0", StepResult(step_id=3, req_ids=["r1"], sampled_token_ids=[[9]]))
         channel = bus.keys.gateway_tokens("g")
-        batch = TokenBatch(deltas=[TokenDelta(req_id="r1", token_ids=[9])])
-        # Publishing and waiting for the next plan in one round trip.
-        return await bus.publish_tokens_and_read_step({channel: batch}, "e0", got[0], 2000)
+        batch = TokenBatch(deltas=[TokenDelta(req_id="r1", token_ids=[9])], engine_id="e0")
+        # Logging and publishing the tokens, the result, and waiting for the next plan: one round trip.
+        result = StepResult(step_id=3, req_ids=["r1"], sampled_token_ids=[[9]])
+        return await bus.finish_step_and_read_next("e0", result, {channel: batch}, got[0], 2000)
 
     task = asyncio.create_task(executor())
     claimed, got = await bus.send_step_and_read_result("e0", plan, "0-0", 2000, claim=("s", 10))
@@ -246,8 +310,9 @@ async def test_pipelined_step_round_trips(bus: Bus):
     assert claimed == [] and nothing is None
     next_step = await asyncio.wait_for(task, 5)
     assert next_step is not None and next_step[1].step_id == 4
-    assert await bus.publish_tokens_and_read_step({}, "e0", next_step[0], 50) is None  # timeout
-    # A malformed result is reported as (id, None), not raised.
+    assert await bus.finish_step_and_read_next("e0", None, {}, next_step[0], 50) is None  # timeout
+    assert [b.deltas[0].token_ids for b in await bus.read_token_log("e0")] == [[9]]  # logged
+    # A malformed result is reported as Malformed, not raised.
     await bus.redis.xadd(bus.keys.results("e0"), {b"m": b"\x00junk"})
     _, bad = await bus.send_step_and_read_result("e0", StepPlan(step_id=5), got[0], 500)
-    assert bad is not None and bad[1] is None
+    assert bad is not None and isinstance(bad[1], Malformed)

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 
+import msgspec
 import pytest
 import redis
 
@@ -83,7 +84,7 @@ class Harness:
         info = self.service.engine_info()
         return Scheduler(num_blocks=info.num_blocks, block_size=info.block_size, max_num_seqs=8,
                          max_num_batched_tokens=64, max_model_len=info.max_model_len,
-                         enable_prefix_caching=True, eos_token_ids=info.eos_token_ids)
+                         enable_prefix_caching=True)
 
 
 async def _wait_for(cond, timeout_s: float = 5.0) -> None:
@@ -97,7 +98,8 @@ async def test_streams_tokens_and_finish_reasons(redis_url, config):
     h = Harness(redis_url, config, build_runner(config))
     await h.start()
     info = await h.bus.live_ranks("e0")
-    assert info[0].num_blocks == 64 and info[0].eos_token_ids == [2, 7] and info[0].max_model_len == 128
+    assert info[0].num_blocks == 64 and info[0].max_model_len == 128 and info[0].incarnation
+    assert h.service.runner.eos_token_ids == frozenset([2, 7])
     sched = h.scheduler()
     params = [SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)]
@@ -118,10 +120,16 @@ async def test_streams_tokens_and_finish_reasons(redis_url, config):
     for rid, n in (("r0", 5), ("r1", 9)):
         mine = [d for d in h.deltas if d.req_id == rid]
         assert [t for d in mine for t in d.token_ids] == sampled[rid][:n]
+        assert [d.index for d in mine] == list(range(n))  # one token per step, indexed
         assert all(d.finish_reason == 0 for d in mine[:-1])
-        # The executor's finish reason is the scheduler's, from the same check_stop.
+        # The runner decided the finish once: the gateway and the scheduler got the same one.
         assert mine[-1].finish_reason == finish[rid] == FinishReason.LENGTH
         assert mine[-1].num_prompt_tokens == 6
+    # Every delta is in the engine's token log too, one entry per step (not per request).
+    logged = await h.bus.read_token_log("e0")
+    assert sorted((d.req_id, d.index) for b in logged for d in b.deltas) == sorted(
+        (d.req_id, d.index) for d in h.deltas)
+    assert len(logged) == 9 and all(b.engine_id == "e0" for b in logged)
     await h.stop()
 
 
@@ -145,6 +153,30 @@ async def test_failed_step_reports_error_and_keeps_serving(redis_url, config):
         assert not result.error
         sched.update_from_output(plan, result)
     await _wait_for(lambda: any(d.req_id == "ok" and d.finish_reason for d in h.deltas))
+    await h.stop()
+
+
+async def test_malformed_plan_fails_its_step_and_keeps_serving(redis_url, config):
+    h = Harness(redis_url, config, build_runner(config))
+    await h.start()
+    # A plan whose step id reads but whose body does not: its step gets an error result.
+    await h.bus.redis.xadd(h.bus.keys.steps("e0"), {b"m": msgspec.msgpack.encode([1, "garbage"])})
+    got = await h.bus.read_result("e0", h.result_id, block_ms=20000)
+    assert got is not None
+    h.result_id, result = got
+    assert result.step_id == 1 and "malformed step plan" in result.error
+    # Not even a step id: dead-lettered, nobody is answered, and the rank goes on.
+    await h.bus.redis.xadd(h.bus.keys.steps("e0"), {b"m": b"\xc1"})
+    sched = h.scheduler()
+    sched._step_id = 1
+    sched.add_request(Request(req_id="ok", prompt_token_ids=[1, 2, 3], reply_to=h.channel,
+                              sampling_params=SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)))
+    while sched.has_unfinished_requests():
+        plan = sched.schedule()
+        result = await h.step(plan)
+        assert not result.error
+        sched.update_from_output(plan, result)
+    assert await h.bus.redis.xlen(h.bus.keys.deadletter) == 2
     await h.stop()
 
 

@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 
+import msgspec
 import openai
 import pytest
 import uvicorn
@@ -37,15 +38,18 @@ def redis_url():
 class EngineSide:
     """The scheduler/executor half of the protocol, driven by the test."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, engine_id: str = "e-test") -> None:
         self.bus = bus
+        self.engine_id = engine_id
         self.aborted: list[str] = []
         self._abort_task: asyncio.Task | None = None
+        self._sent: dict[str, int] = {}  # req_id -> tokens sent so far (the next delta's index)
 
     async def start(self, max_model_len: int = 256, ttl_s: float = 30.0) -> None:
         await self.bus.ensure_group()
         info = EngineInfo(
-            engine_id="e-test", num_blocks=64, block_size=16, max_model_len=max_model_len, model_name=MODEL
+            engine_id=self.engine_id, num_blocks=64, block_size=16, max_model_len=max_model_len,
+            model_name=MODEL,
         )
         await self.bus.register_engine(info, ttl_s=ttl_s)
         self._abort_task = asyncio.create_task(self._collect_aborts())
@@ -65,8 +69,16 @@ class EngineSide:
                 out.append(req)
         return out
 
-    async def send(self, *deltas: TokenDelta, channel: str) -> None:
-        await self.bus.publish_tokens(channel, TokenBatch(deltas=list(deltas)))
+    async def send(self, *deltas: TokenDelta, channel: str, indexed: bool = False) -> None:
+        """Publish deltas as this engine; each gets its request's next output index unless
+        `indexed` (the test set the index itself)."""
+        out = []
+        for d in deltas:
+            if not indexed:
+                d = msgspec.structs.replace(d, index=self._sent.get(d.req_id, 0))
+            self._sent[d.req_id] = max(self._sent.get(d.req_id, 0), d.index + len(d.token_ids))
+            out.append(d)
+        await self.bus.publish_tokens(channel, TokenBatch(deltas=out, engine_id=self.engine_id))
 
     async def stop(self) -> None:
         if self._abort_task is not None:
@@ -79,7 +91,7 @@ class EngineSide:
 async def gateway(redis_url, tokenizer):
     ns = f"t{uuid.uuid4().hex[:8]}"
     settings = GatewaySettings(
-        model=MODEL, redis_url=redis_url, redis_namespace=ns, gateway_id="gw-test", engine_dead_after_s=1.0
+        model=MODEL, redis_url=redis_url, redis_namespace=ns, gateway_id="gw-test", resume_timeout_s=1.0
     )
     app = build_app(settings, tokenizer=tokenizer)
     with socket.socket() as s:
@@ -222,8 +234,51 @@ async def test_engine_death_fails_in_flight_request(gateway):
     await engine.requests(1)
     with pytest.raises(openai.InternalServerError) as e:
         await asyncio.wait_for(call, 10)
-    assert "no engine is alive" in str(e.value)
+    assert "no engine resumed it" in str(e.value)
     assert time.monotonic() - t0 < 6
+
+
+async def test_resumed_request_reaches_the_client_once(gateway, redis_url, tokenizer):
+    """Engine A streams two pieces and dies; engine B (alive all along) resumes the request:
+    it re-sends what A had generated (from A's token log), overlapping what the client saw,
+    then goes on. The client gets every token exactly once, with the right usage."""
+    _url, a, client = gateway
+    b = EngineSide(Bus(redis_url, a.bus.keys.ns), engine_id="e-b")
+    await a.start(ttl_s=1.0)
+    await b.start()
+    call = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=6, stream=True))
+    (req,) = await a.requests(1)
+    one, two, three = ids(tokenizer, " one"), ids(tokenizer, " two"), ids(tokenizer, " three")
+    await a.send(TokenDelta(req_id=req.req_id, token_ids=one), channel=req.reply_to)
+    await a.send(TokenDelta(req_id=req.req_id, token_ids=two), channel=req.reply_to)
+    await asyncio.sleep(1.2)  # A's heartbeat expires
+    carried = TokenDelta(req_id=req.req_id, token_ids=one + two, index=0)
+    await b.send(carried, channel=req.reply_to, indexed=True)
+    await b.send(TokenDelta(req_id=req.req_id, token_ids=three, index=len(one + two), finish_reason=2),
+                 channel=req.reply_to, indexed=True)
+    stream = await asyncio.wait_for(call, 10)
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert text == " one two three"
+    await b.stop()
+
+
+async def test_request_of_a_dead_engine_fails_when_nobody_resumes_it(gateway, redis_url, tokenizer):
+    """Another engine is alive, but the one that served the request died and nobody resumed
+    it: the request still ends (after resume_timeout_s = 1 s here), never hangs."""
+    _url, a, client = gateway
+    b = EngineSide(Bus(redis_url, a.bus.keys.ns), engine_id="e-b")
+    await a.start(ttl_s=1.0)
+    await b.start()
+    t0 = time.monotonic()
+    call = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=6))
+    (req,) = await a.requests(1)
+    await a.send(TokenDelta(req_id=req.req_id, token_ids=ids(tokenizer, " one")), channel=req.reply_to)
+    with pytest.raises(openai.InternalServerError) as e:
+        await asyncio.wait_for(call, 10)
+    assert "failed and no engine resumed it" in str(e.value)
+    print(f"ended {time.monotonic() - t0:.1f}s after submission")
+    assert time.monotonic() - t0 < 6
+    await b.stop()
 
 
 async def test_client_disconnect_publishes_abort(gateway, tokenizer):

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.protocol import StepPlan, StepResult
+from shared.sampling_params import SamplingParams
+from shared.stop import check_stop
 
 FIRST_TOKEN = 10  # sampled tokens are >= this, so small ids (EOS, stop ids) appear only when forced
 
@@ -23,12 +25,16 @@ class _Seq:
     block_ids: list[int]
     num_computed: int
     num_prompt: int
+    params: SamplingParams
 
 
 @dataclass
 class FakeRunner:
     block_size: int
     num_blocks: int
+    # Finishes are decided here, as the real runner decides them (the scheduler applies them).
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
     vocab_size: int = 1000
     # req_id -> {output index: token}: force e.g. an EOS at the 3rd generated token.
     forced: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -57,6 +63,7 @@ class FakeRunner:
                 list(new.block_ids),
                 new.num_computed_tokens,
                 len(new.prompt_token_ids),
+                new.sampling_params,
             )
         for c in plan.cached_requests:
             seq = self.seqs[c.req_id]
@@ -75,7 +82,7 @@ class FakeRunner:
             seq.num_computed = end
             self.chunks.append((plan.step_id, req_id, n))
 
-        req_ids, sampled = [], []
+        req_ids, sampled, reasons = [], [], []
         for req_id in plan.num_scheduled_tokens:
             seq = self.seqs[req_id]
             if seq.num_computed != len(seq.tokens):
@@ -90,8 +97,12 @@ class FakeRunner:
             seq.tokens.append(tok)
             req_ids.append(req_id)
             sampled.append([tok])
+            reason = check_stop(seq.tokens[seq.num_prompt :], seq.num_prompt, seq.params,
+                                self.eos_token_ids, self.max_model_len)
+            reasons.append(0 if reason is None else int(reason))
             self.samples.append((plan.step_id, req_id))
-        return StepResult(step_id=plan.step_id, req_ids=req_ids, sampled_token_ids=sampled)
+        return StepResult(step_id=plan.step_id, req_ids=req_ids, sampled_token_ids=sampled,
+                          finish_reasons=reasons)
 
 
 def expected_tokens(prompt: list[int], n: int, vocab_size: int = 1000) -> list[int]:

@@ -17,10 +17,10 @@ def make(**kw) -> tuple[Scheduler, FakeRunner]:
         max_num_batched_tokens=2048,
         max_model_len=1024,
         enable_prefix_caching=True,
-        eos_token_ids=[EOS],
     )
     args.update(kw)
-    return Scheduler(**args), FakeRunner(args["block_size"], args["num_blocks"])
+    runner = FakeRunner(args["block_size"], args["num_blocks"], frozenset([EOS]), args["max_model_len"])
+    return Scheduler(**args), runner
 
 
 def add(s: Scheduler, req_id: str, prompt, **params) -> Request:

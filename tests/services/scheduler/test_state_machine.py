@@ -52,9 +52,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_num_batched_tokens=budget,
             max_model_len=self.max_model_len,
             enable_prefix_caching=caching,
-            eos_token_ids=[EOS],
         )
-        self.runner = FakeRunner(block_size, num_blocks)
+        self.runner = FakeRunner(block_size, num_blocks, frozenset([EOS]), self.max_model_len)
         self.all: dict[str, Request] = {}
         self.externally_finished: set[str] = set()
         self.next_id = 0
