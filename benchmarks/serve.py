@@ -3,6 +3,7 @@
     python benchmarks/serve.py --url http://127.0.0.1:8000 --concurrency 64 --num-prompts 256
     python benchmarks/serve.py --request-rate 8 --num-prompts 200          # Poisson arrivals
     python benchmarks/serve.py --concurrency 64 --compare-inprocess        # starts its own `folio serve`
+    python benchmarks/serve.py --concurrency 64 --baseline-checkout /tmp/folio-base   # vs another version
 
 Prompts are random token ids from the tokenizer's vocabulary (special tokens excluded),
 sent as token-id prompts so their lengths are exact; every request streams a completion
@@ -11,6 +12,12 @@ and ITL percentiles. With --compare-inprocess, the same prompts then run through
 `services.engine.LLM` in this process with the same concurrency cap, and the ratio
 server/in-process is printed (a server this script started is stopped first, so the two
 never compete for the CPU or the GPU's memory).
+
+With --baseline-checkout DIR (a checkout of another folio version, e.g. made with `git
+worktree add /tmp/folio-base REF`), the same prompts also run against a `folio serve`
+started from DIR with the same flags, one server at a time, and the ITL and throughput
+ratios are printed. Servers this script starts use a Redis it starts itself, so it can
+report the Redis commands each one issued (INFO commandstats) per 1000 output tokens.
 
 The HTTP client is a minimal asyncio HTTP/1.1 + SSE reader: on a small machine the load
 generator shares the CPU with the server, and a heavyweight client would skew the result.
@@ -203,7 +210,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, root: Path = ROOT, redis_url: str | None = None) -> tuple[subprocess.Popen, str]:
     from shared.cli_args import engine_args_to_argv, engine_config_from_args
 
     port = _free_port()
@@ -211,11 +218,13 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *argv]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
-    print("starting:", " ".join(cmd), flush=True)
+    if redis_url:
+        cmd += ["--redis-url", redis_url, "--redis-namespace", f"bench{port}"]
+    print(f"starting ({root}):", " ".join(cmd), flush=True)
     proc = subprocess.Popen(
         cmd,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
         start_new_session=True,
         stdout=subprocess.DEVNULL if not args.server_log else None,
         stderr=subprocess.STDOUT,
@@ -234,6 +243,47 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
     stop_server(proc)
     raise SystemExit(f"folio serve not healthy after {args.startup_timeout}s")
+
+
+def redis_commands(redis_url: str) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()}
+    finally:
+        client.close()
+
+
+def serve_once(args, prompts, root: Path, redis_url: str | None) -> tuple[dict, dict[str, int]]:
+    """Start a server from `root`, run the load, stop it: (report, Redis calls by command)."""
+    proc, url = start_server(args, root, redis_url)
+    try:
+        served = args.served_model or _served_model(url, args.api_key)
+        before = redis_commands(redis_url) if redis_url else {}
+        results, duration = asyncio.run(run_load(args, url, served, prompts))
+        after = redis_commands(redis_url) if redis_url else {}
+    finally:
+        stop_server(proc)
+    calls = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0) > 0}
+    return report(results, duration), calls
+
+
+def _served_model(url: str, api_key: str | None) -> str:
+    req = urllib.request.Request(f"{url}/v1/models")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
+def print_report(title: str, rep: dict, calls: dict[str, int]) -> None:
+    print(f"\n== {title}")
+    for k, v in rep.items():
+        print(f"{k:>22}: {v:.2f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    if calls and rep["output_tokens"]:
+        per = {k: 1000 * n / rep["output_tokens"] for k, n in sorted(calls.items())}
+        print(f"{'redis calls/1k tokens':>22}: " + ", ".join(f"{k} {v:.0f}" for k, v in per.items()))
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -292,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compare-inprocess", action="store_true", help="also run services.engine.LLM; print ratio"
     )
+    ap.add_argument("--baseline-checkout", metavar="DIR",
+                    help="also serve the same prompts from another folio checkout; print ratios")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--server-log", action="store_true", help="show the started server's output")
     ap.add_argument("--json", dest="json_out", help="write the results here as JSON")
@@ -306,27 +358,35 @@ def main(argv: list[str] | None = None) -> int:
     tok_src = args.tokenizer or resolve_model(model, load_format="dummy", download_dir=args.download_dir).path
     prompts = random_prompts(load_tokenizer(tok_src), args.num_prompts, args.input_len, args.seed or 0)
 
-    proc, url = (None, args.url) if args.url else start_server(args)
-    try:
-        served = args.served_model
-        if served is None:
-            req = urllib.request.Request(f"{url}/v1/models")
-            if args.api_key:
-                req.add_header("Authorization", f"Bearer {args.api_key}")
-            with urllib.request.urlopen(req, timeout=30) as r:
-                served = json.loads(r.read())["data"][0]["id"]
-        results, duration = asyncio.run(run_load(args, url, served, prompts))
-    finally:
-        if proc is not None:
-            stop_server(proc)
     mode = f"concurrency {args.concurrency}" if args.concurrency else ""
     if args.request_rate:
         mode += f" rate {args.request_rate}/s"
     shape = f"{args.num_prompts} prompts, in {args.input_len} / out {args.output_len}"
-    print(f"\n== server ({mode.strip()}, {shape})")
-    out = {"server": report(results, duration)}
-    for k, v in out["server"].items():
-        print(f"{k:>22}: {v:.2f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    out: dict = {}
+    if args.url:
+        served = args.served_model or _served_model(args.url, args.api_key)
+        results, duration = asyncio.run(run_load(args, args.url, served, prompts))
+        out["server"], calls = report(results, duration), {}
+        print_report(f"server ({mode.strip()}, {shape})", out["server"], calls)
+    else:
+        from shared.redis_server import start_private_redis
+
+        redis_server = start_private_redis()
+        try:
+            out["server"], calls = serve_once(args, prompts, ROOT, redis_server.url)
+            print_report(f"server ({mode.strip()}, {shape})", out["server"], calls)
+            out["server"]["redis_calls"] = calls
+            if args.baseline_checkout:
+                base, base_calls = serve_once(args, prompts, Path(args.baseline_checkout).resolve(),
+                                              redis_server.url)
+                print_report(f"baseline {args.baseline_checkout} (same prompts)", base, base_calls)
+                out["baseline"] = {**base, "redis_calls": base_calls}
+                out["itl_p50_ratio"] = out["server"]["itl_p50_ms"] / base["itl_p50_ms"]
+                out["throughput_ratio"] = out["server"]["output_tokens_per_s"] / base["output_tokens_per_s"]
+                print(f"\nthis / baseline: ITL p50 {out['itl_p50_ratio']:.3f}, "
+                      f"output tokens/s {out['throughput_ratio']:.3f}")
+        finally:
+            redis_server.stop()
     if args.compare_inprocess:
         tokens, secs = run_inprocess(args, prompts)
         tps = tokens / secs

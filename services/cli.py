@@ -3,6 +3,7 @@
     folio serve [MODEL]      everything in one command (private Redis + all services)
     folio gateway            OpenAI-compatible HTTP server        ┐ the entry points
     folio scheduler          one engine's batching loop           │ compose and k8s run
+    folio engine             a scheduler + its executor ranks     │ (one engine per container/pod)
     folio executor           one tensor-parallel rank of an engine┘
     folio convert F.gguf DIR convert a GGUF file into a Hugging Face folder
 
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 
 from shared.cli_args import (
@@ -93,6 +95,13 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return serve(args, config)
 
 
+def _engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_redis(args, parser)
+    from services.serve import run_engine
+
+    return run_engine(args, engine_config_from_args(args, DEFAULT_MODEL))
+
+
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from services.executor.loader import ModelSourceError, convert_gguf
 
@@ -139,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bus_args(p)
     add_telemetry_args(p)
     p.set_defaults(func=_scheduler)
+
+    p = sub.add_parser("engine", help="run one engine: a scheduler and its executor ranks (--redis-url)")
+    p.add_argument("--engine-id", default=os.environ.get("FOLIO_ENGINE_ID") or socket.gethostname(),
+                   help="engine replica id (default: env FOLIO_ENGINE_ID, else the host name)")
+    add_engine_args(p)
+    add_bus_args(p)
+    add_telemetry_args(p)
+    p.set_defaults(func=_engine)
 
     p = sub.add_parser("executor", help="run one tensor-parallel rank of an engine (needs --redis-url)")
     p.add_argument("--engine-id", default=os.environ.get("FOLIO_ENGINE_ID", "e0"))

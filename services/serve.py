@@ -175,21 +175,70 @@ def _urls(host: str, port: int) -> tuple[str, str]:
     return f"http://{probe}:{port}/health", f"http://{shown}:{port}/v1"
 
 
-def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+def _resolve_once(config: EngineConfig) -> EngineConfig | None:
+    """Resolve (and convert) the model once here, so the progress bar shows once and the
+    children reuse the folder; None (after saying why) if it cannot be resolved."""
     from services.executor.loader import ModelSourceError, resolve_model
 
-    # Resolve (and convert) once here, so the progress bar shows once and children reuse the folder.
     try:
         resolved = resolve_model(config.model, config.load_format, config.download_dir)
     except ModelSourceError as e:
         _say(f"error: {e}")
-        return 2
-    child_config = dataclasses.replace(
+        return None
+    return dataclasses.replace(
         config,
         model=str(resolved.path),
         served_model_name=config.model_name,
         load_format="dummy" if resolved.load_format == "dummy" else "auto",
     )
+
+
+def _common_argv(redis_url: str, args: argparse.Namespace) -> list[str]:
+    common = ["--redis-url", redis_url, "--redis-namespace", args.redis_namespace]
+    if args.otlp_traces_endpoint:
+        common += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
+    return common
+
+
+def spawn_engine(sup: Supervisor, engine_id: str, config: EngineConfig, common: list[str],
+                 engine_argv: list[str], num_engines: int = 1, label: str = "") -> None:
+    """One engine: its executor ranks (restarted together) and its scheduler."""
+    tp = config.tensor_parallel_size
+    # The executors share the cores: torch would start one thread per core in each.
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (num_engines * tp)))}
+    engine = ["--engine-id", engine_id]
+    for rank in range(tp):
+        name = ("executor" if tp == 1 else f"executor (rank {rank})") + label
+        sup.spawn(name, "executor", f"executors {engine_id}",
+                  ["executor", *engine, "--tp-rank", str(rank), *common, *engine_argv], threads)
+    sup.spawn("scheduler" + label, "scheduler", f"scheduler {engine_id}",
+              ["scheduler", *engine, *common, *engine_argv])
+
+
+def run_engine(args: argparse.Namespace, config: EngineConfig) -> int:
+    """`folio engine`: one engine (a scheduler and its executor ranks) under this supervisor,
+    the unit a container or pod runs to scale engines (compose --scale, k8s replicas)."""
+    child_config = _resolve_once(config)
+    if child_config is None:
+        return 2
+    sup = Supervisor()
+    previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        spawn_engine(sup, args.engine_id, config, _common_argv(args.redis_url, args),
+                     engine_args_to_argv(child_config))
+        _say(f"engine {args.engine_id} started ({config.tensor_parallel_size} executor rank(s))")
+        return sup.watch()
+    finally:
+        sup.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    child_config = _resolve_once(config)
+    if child_config is None:
+        return 2
     engine_argv = engine_args_to_argv(child_config)
     health_url, base_url = _urls(args.host, args.port)
 
@@ -205,23 +254,12 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
                 _say(f"error: {e}")
                 return 2
             url = sup.redis.url
-        common = ["--redis-url", url, "--redis-namespace", args.redis_namespace]
-        if args.otlp_traces_endpoint:
-            common += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
-        dp, tp = config.data_parallel_size, config.tensor_parallel_size
-        # The executors share the cores: torch would start one thread per core in each.
-        threads = {} if "OMP_NUM_THREADS" in os.environ else {
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (dp * tp)))}
+        common = _common_argv(url, args)
+        dp = config.data_parallel_size
         for k in range(dp):
             engine_id = args.engine_id if dp == 1 else f"{args.engine_id}-{k}"
-            engine = ["--engine-id", engine_id]
-            of = "" if dp == 1 else f" of engine {engine_id}"
-            for rank in range(tp):
-                name = ("executor" if tp == 1 else f"executor (rank {rank})") + of
-                sup.spawn(name, "executor", f"executors {engine_id}",
-                          ["executor", *engine, "--tp-rank", str(rank), *common, *engine_argv], threads)
-            sup.spawn("scheduler" + of, "scheduler", f"scheduler {engine_id}",
-                      ["scheduler", *engine, *common, *engine_argv])
+            spawn_engine(sup, engine_id, config, common, engine_argv, dp,
+                         "" if dp == 1 else f" of engine {engine_id}")
         # The API key goes by environment, not argv, so `ps` does not show it.
         sup.spawn("gateway", "gateway", "gateway",
                   ["gateway", "--host", args.host, "--port", str(args.port), *engine_argv, *common],
@@ -236,4 +274,3 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         sup.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-
