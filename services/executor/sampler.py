@@ -10,9 +10,12 @@ Per step, for the rows that need it (vLLM's semantics):
 
 Random rows use the exponential race: with q ~ Exponential(1) drawn independently per
 token, argmax(p / q) is a sample from p. A row with a seed draws its q from its own
-generator (one draw of `vocab` values per token it samples), so its tokens do not
-depend on what else is in the batch or where it sits; unseeded rows share one draw
-from the engine-wide generator.
+generator (one draw of `vocab` values per token it samples), re-seeded before each draw
+with `token_seed(seed, k)`, k the number of output tokens before this one. So the noise
+of a seeded request's k-th token is a function of (seed, k) only: its tokens do not
+depend on what else is in the batch, where it sits, or whether it was preempted and
+recomputed (the runner then re-creates its state). Unseeded rows share one draw from
+the engine-wide generator.
 
 When every row is greedy with nothing to process or report, the whole call is one
 argmax (the decode hot path).
@@ -51,6 +54,28 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele et al.): a well-mixed 64-bit function of x."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed for the draw of output token `index` of a request seeded with `seed`.
+
+    Mixed twice so that nearby seeds (the n choices of one request get seed + i) and
+    nearby indexes give unrelated streams: (s + 1, k) and (s, k + 1) share nothing.
+    NOTE: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed; the mix
+    makes those bits depend on all of (seed, index).
+    """
+    return splitmix64(splitmix64(seed & _MASK64) ^ index)
 
 
 def has_penalties(p: SamplingParams) -> bool:
@@ -143,6 +168,10 @@ class Sampler:
         vocab = logits.shape[1]
         rp = [params[i] for i in rand_rows]
         gens = [states[i].generator for i in rand_rows]
+        for i, g in zip(rand_rows, gens, strict=True):
+            seed = params[i].seed
+            if g is not None and seed is not None:  # this token's draw: from (seed, index) only
+                g.manual_seed(token_seed(seed, len(states[i].output_token_ids)))
         all_random = len(rand_rows) == len(states)
         rand_idx = torch.tensor(rand_rows, dtype=torch.long, device=dev)
         x = logits if all_random else logits.index_select(0, rand_idx)

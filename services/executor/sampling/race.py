@@ -4,9 +4,10 @@ Each row's noise comes from its own generator when it has one, so a seeded row's
 token depends only on its own logits, parameters and generator:
 
 - a seeded row draws U for the WHOLE vocabulary, in vocabulary order, once per token
-  it samples, and picks out its candidates' entries; the draw is the same whether the
-  row is sampled over the full vocabulary or over a small top-k window, and whatever
-  window size the other rows of the batch caused;
+  it samples (from its generator, which the sampler has just re-seeded from the
+  request's seed and the token's index), and picks out its candidates' entries; the
+  draw is the same whether the row is sampled over the full vocabulary or over a small
+  top-k window, and whatever window size the other rows of the batch caused;
 - unseeded rows share one draw from the engine-wide generator, sized to the window.
 
 It runs in log space, argmax(log p - log q) with q = -log(U) (the Gumbel-max trick):

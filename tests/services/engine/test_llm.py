@@ -131,3 +131,20 @@ def test_logprobs_and_errors(smollm2_dir):
             llm.generate([1, bad_id, 3], GREEDY)
     # The engine still serves after rejecting bad prompts.
     assert len(llm.generate([1, 2, 3], GREEDY)[0].token_ids) > 0
+
+
+def test_seeded_sampling_survives_preemption(smollm2_dir):
+    """A seeded request gives the same tokens whether or not it was preempted (recomputed)."""
+    params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=20, seed=100 + i, ignore_eos=True)
+              for i in range(4)]
+    roomy = LLM(str(smollm2_dir), dtype="float32", block_size=16, enable_prefix_caching=False)
+    prompts = [p[-47:] for p in chat_prompts(roomy.tokenizer)[:4]]
+    want = [o.token_ids for o in roomy.generate(prompts, params)]
+    assert roomy.engine.stats().num_preemptions == 0
+    # 12 blocks of 16: the four 47-token prompts fill all of them; every second output token
+    # needs a fourth block (the youngest is preempted), and the 65th token a fifth (another one).
+    tight = LLM(str(smollm2_dir), dtype="float32", num_gpu_blocks_override=12, block_size=16,
+                enable_prefix_caching=False)
+    got = [o.token_ids for o in tight.generate(prompts, params)]
+    assert tight.engine.stats().num_preemptions >= 2
+    assert got == want

@@ -353,18 +353,52 @@ def test_nucleus_window_does_not_change_seeded_tokens(monkeypatch):
     assert default == small == run_batch(layout)
 
 
-def test_seeded_generator_advances_once_per_sampled_token():
-    g = make_generator(99)
-    s = SamplingState(SamplingParams(temperature=1.0, seed=99), [1], [], g)
+def seeded_tokens(seed: int, indexes: range, gen: torch.Generator, history: int = 0) -> list[int]:
+    """The token drawn at each output index from flat logits: a fingerprint of the noise alone.
+
+    `history` arbitrary tokens already generated, then one token per index in `indexes`.
+    """
+    s = SamplingState(SamplingParams(temperature=1.0, seed=seed), [1], [7] * history, gen)
     sampler = Sampler(VOCAB, [])
-    for step in range(3):
-        s.output_token_ids.append(sampler(step_logits(5, step).unsqueeze(0), [s]).token_ids[0])
-    ref = make_generator(99)
-    for _ in range(3):
-        torch.rand(VOCAB, generator=ref)
-    assert torch.equal(g.get_state(), ref.get_state())
+    out = []
+    for k in indexes:
+        s.output_token_ids[:] = [7] * k  # only the count of earlier tokens may matter
+        out.append(sampler(torch.zeros(1, VOCAB), [s]).token_ids[0])
+    return out
+
+
+def test_seeded_draw_is_a_function_of_seed_and_token_index():
+    """Preemption re-creates a request's generator and recomputes it: the k-th token's noise
+    must come from (seed, k) alone, not from how many draws the generator made before."""
+    ref = seeded_tokens(4242, range(12), make_generator(4242))
+    assert len(set(ref)) > 6  # flat logits: the token is the noise's argmax
+    # A fresh generator (as after preemption) resuming at index 6 draws what index 6 drew.
+    assert seeded_tokens(4242, range(6, 12), make_generator(4242)) == ref[6:]
+    # A generator in any state (used before, seeded otherwise) gives the same draws.
+    used = make_generator(1)
+    torch.rand(3 * VOCAB, generator=used)
+    assert seeded_tokens(4242, range(12), used) == ref
+    # Another seed, and in particular the n choices' seed + 1, are unrelated streams, also
+    # shifted by an index ((s + 1, k) is not (s, k + 1)).
+    other = seeded_tokens(4243, range(12), make_generator(0))
+    assert other != ref and other[:-1] != ref[1:]
+    assert sum(a == b for a, b in zip(other, ref, strict=True)) <= 3
+
+
+def test_seeded_request_resumed_mid_stream_matches_uninterrupted():
+    """Real logits: a request's state re-created after k tokens continues as if never stopped."""
+    p = SamplingParams(**TARGET)
+    full = run_batch([(0, TARGET)], steps=10)[0]
+    sampler = Sampler(VOCAB, [VOCAB - 1])
+    s = SamplingState(p, [1, 2, 3], list(full[:4]), make_generator(p.seed))
+    for step in range(4, 10):
+        s.output_token_ids.append(sampler(step_logits(0, step).unsqueeze(0), [s]).token_ids[0])
+    assert s.output_token_ids == full
 
 
 def test_engine_seed_makes_unseeded_rows_reproducible():
     layout = [(k, dict(temperature=1.0)) for k in range(4)]
-    assert run_batch(layout, steps=5, engine_seed=11) == run_batch(layout, steps=5, engine_seed=11)
+    first = run_batch(layout, steps=5, engine_seed=11)
+    assert first == run_batch(layout, steps=5, engine_seed=11)
+    # The engine seed really drives them: another one gives other tokens.
+    assert first != run_batch(layout, steps=5, engine_seed=12)
