@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -41,7 +42,13 @@ STEP_POLL_MS = 500  # how often an idle executor checks whether it should stop
 
 
 class Heartbeat(threading.Thread):
-    """Refreshes a TTL key from its own thread and Redis connection, whatever the loop does."""
+    """Refreshes a TTL key from its own thread and Redis connection, whatever the loop does.
+
+    With peers to watch (the other ranks of a tensor-parallel group), it also ends this
+    process when one of them stops heartbeating or restarts: the group cannot take a new
+    member, and a collective waiting for a dead peer would block the loop forever. The
+    restart policy (folio serve, compose, k8s) then starts the rank again, and the ranks
+    rendezvous afresh."""
 
     def __init__(self, url: str, key: str, ttl_s: float, interval_s: float, value: bytes = b"1") -> None:
         super().__init__(name="folio-heartbeat", daemon=True)
@@ -49,11 +56,23 @@ class Heartbeat(threading.Thread):
         self._key, self._ttl_ms, self._interval_s = key, int(ttl_s * 1000), interval_s
         self._value = value
         self._stop_event = threading.Event()
+        self._peers: dict[str, bytes] = {}  # heartbeat key -> the incarnation it must hold
+
+    def watch_peers(self, peers: dict[str, bytes]) -> None:
+        self._peers = dict(peers)
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval_s):
             try:
                 self._client.set(self._key, self._value, px=self._ttl_ms)
+                peers = self._peers
+                if peers:
+                    beats = self._client.mget(list(peers))
+                    lost = [k for (k, want), got in zip(peers.items(), beats, strict=True) if got != want]
+                    if lost and not self._stop_event.is_set():
+                        log.critical("tensor-parallel peer(s) %s stopped or restarted: leaving the group "
+                                     "so all ranks can rendezvous afresh", lost)
+                        os._exit(3)  # a collective may be blocked on the dead peer: no clean way out
             except redis.RedisError as e:  # a Redis hiccup must not kill the rank; the next beat retries
                 log.warning("heartbeat failed: %s", e)
 
@@ -118,6 +137,8 @@ class ExecutorService:
                          self.heartbeat_s, self.incarnation.encode())
         beat.start()
         try:
+            if self.config.tensor_parallel_size > 1:
+                beat.watch_peers(await self._peers())
             got = None
             while not self.stopping.is_set():
                 if got is None:
@@ -132,6 +153,7 @@ class ExecutorService:
                 elif plan.shutdown:
                     log.info("executor %s rank %d: shutdown requested by the scheduler",
                              engine_id, self.tp_rank)
+                    beat.watch_peers({})  # the peers are leaving too
                     break
                 else:
                     result = self.execute(plan)
@@ -144,6 +166,20 @@ class ExecutorService:
             beat.stop()
             await bus.unregister_rank(engine_id, self.tp_rank)
             self.spans.end_all("shutdown")
+
+    async def _peers(self) -> dict[str, bytes]:
+        """The other ranks' heartbeat keys and incarnations, once all have registered (they
+        formed the group with this rank, so they are up or about to register)."""
+        keys, size = self.bus.keys, self.config.tensor_parallel_size
+        deadline = time.monotonic() + 60
+        while True:
+            ranks = {i.tp_rank: i for i in await self.bus.live_ranks(self.engine_id) if i.tp_rank < size}
+            if len(ranks) == size:
+                return {keys.rank_alive(self.engine_id, r): i.incarnation.encode()
+                        for r, i in ranks.items() if r != self.tp_rank}
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the other ranks of engine {self.engine_id} never registered")
+            await asyncio.sleep(0.1)
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step; a failure becomes an error result (the scheduler fails the step's
