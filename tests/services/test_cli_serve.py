@@ -87,42 +87,60 @@ def test_convert(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- deployment files
+# Here: every command in them parses with folio's own parser. Scaling, pod structure and the
+# Kubernetes schemas: tests/test_deploy_manifests.py.
+# Values for the variables the commands use: defaults, and what k8s and LeaderWorkerSet set.
+_DEPLOY_ENV = {"FOLIO_MODEL": "smollm2-135m-instruct", "FOLIO_ENGINE_ARGS": "--max-num-seqs 64",
+               "FOLIO_GATEWAY_ARGS": "--served-model-name x", "FOLIO_ENGINE_ID": "folio-engine-6d4cf-x7k2q",
+               "LWS_LEADER_ADDRESS": "folio-engine-lws-0.folio-engine-lws.default", "LWS_GROUP_SIZE": "2",
+               "LWS_WORKER_INDEX": "1"}
+
+
+def _pod_containers(doc: dict) -> list[dict]:
+    """The containers of a Deployment's pod, or of a LeaderWorkerSet's leader and worker pods."""
+    if doc.get("kind") == "Deployment":
+        return doc["spec"]["template"]["spec"]["containers"]
+    if doc.get("kind") == "LeaderWorkerSet":
+        group = doc["spec"]["leaderWorkerTemplate"]
+        return group["leaderTemplate"]["spec"]["containers"] + group["workerTemplate"]["spec"]["containers"]
+    return []
+
+
 def _deploy_commands() -> list[tuple[str, list[str]]]:
-    """(source, folio argv) of every service command in compose.yaml and k8s/, defaults filled in."""
-    env = {"FOLIO_MODEL": "smollm2-135m-instruct", "FOLIO_ENGINE_ARGS": "--max-num-seqs 64",
-           "FOLIO_GATEWAY_ARGS": "--served-model-name x"}
+    """(source, folio argv) of every service command in compose.yaml and k8s/ (the
+    LeaderWorkerSet example too), variables filled in."""
     found = []
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     for name, svc in compose["services"].items():
         cmd = svc.get("command")
         if isinstance(cmd, str):
-            for var, value in env.items():
-                cmd = cmd.replace(f"${{{var}:-}}", value).replace(f"${{{var}:-smollm2-135m-instruct}}", value)
+            cmd = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: _DEPLOY_ENV.get(m[1], m[2]), cmd)
             found.append((f"compose:{name}", shlex.split(cmd)))
     for path in sorted((ROOT / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc.get("kind") != "Deployment":
-                continue
-            for c in doc["spec"]["template"]["spec"]["containers"]:
+            for c in _pod_containers(doc):
                 if c.get("command") == ["sh", "-c"]:
                     script = c["args"][0]
-                    for var, value in env.items():
-                        script = script.replace(f'"${var}"', value).replace(f"${var}", value)
+                    for var, value in _DEPLOY_ENV.items():
+                        script = script.replace(f"${var}", value)
                     argv = shlex.split(script)
-                    assert argv[:2] == ["exec", "folio"], script
+                    assert argv[:2] == ["exec", "folio"], script  # exec: folio gets the pod's SIGTERM
                     found.append((f"{path.name}:{c['name']}", argv[2:]))
     return found
 
 
-def test_deployment_files_are_valid_yaml_and_match_the_cli():
+def test_compose_and_k8s_commands_match_the_cli():
     for path in [ROOT / "compose.yaml", *sorted((ROOT / "k8s").glob("*.yaml"))]:
         assert list(yaml.safe_load_all(path.read_text())), path
     commands = _deploy_commands()
+    sources = {source for source, _ in commands}
+    assert {"compose:engine", "compose:gateway", "engine.yaml:scheduler", "engine.yaml:executor-0",
+            "engine.yaml:executor-1", "gateway.yaml:gateway", "leaderworkerset.yaml:scheduler",
+            "leaderworkerset.yaml:executor"} <= sources, sources
     roles = sorted({argv[0] for _, argv in commands})
-    assert roles == ["executor", "gateway", "scheduler"], commands
+    assert roles == ["engine", "executor", "gateway", "scheduler"], commands
     parser = build_parser()
-    engine_ids = set()
-    for _source, argv in commands:
+    for source, argv in commands:
         if argv[0] == "gateway":
             from services.gateway import server
 
@@ -131,12 +149,14 @@ def test_deployment_files_are_valid_yaml_and_match_the_cli():
             p.parse_args(argv[1:] + ["--redis-url", "redis://x"])
             continue
         args = parser.parse_args(argv)  # unknown flags fail here
-        engine_config_from_args(args)
-        engine_ids.add(args.engine_id)
-    assert engine_ids == {"e0"}  # scheduler and executor pair up
+        config = engine_config_from_args(args)  # invalid values (say, an init method) fail here
+        if argv[0] == "executor":  # checked by `folio executor` after parsing
+            assert 0 <= args.tp_rank < config.tensor_parallel_size, source
+    # kubectl apply -k k8s/ applies everything but the LeaderWorkerSet example (a CRD).
     kustomize = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
     assert sorted(kustomize["resources"]) == sorted(
-        p.name for p in (ROOT / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+        p.name for p in (ROOT / "k8s").glob("*.yaml")
+        if p.name not in ("kustomization.yaml", "leaderworkerset.yaml"))
 
 
 # ---------------------------------------------------------------------- folio serve
