@@ -1,4 +1,4 @@
-# folio: one image for every service (gateway, scheduler, executor); CPU build.
+# folio: one image for every service (gateway, engine, scheduler, executor); CPU build.
 #   docker build -t folio:latest .
 #   docker compose up            (see compose.yaml)
 FROM python:3.11-slim
