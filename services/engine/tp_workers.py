@@ -87,7 +87,7 @@ class TPWorkers:
             while not conn.poll(0.1):
                 waited += 0.1
                 if not proc.is_alive() or waited > timeout_s:
-                    raise self.dead_worker_error() or RuntimeError(f"tensor-parallel rank {rank} did not start")
+                    raise self.dead_worker_error() or RuntimeError(f"tensor-parallel rank {rank} hangs")
             if conn.recv_bytes() != _STARTED:
                 raise RuntimeError(f"tensor-parallel rank {rank} sent an unexpected start-up message")
 
