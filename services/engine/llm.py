@@ -49,6 +49,11 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes (also done when the LLM is collected or the
+        interpreter exits); a no-op at tensor_parallel_size=1."""
+        self.engine.shutdown()
+
     # ------------------------------------------------------------------ step-level API
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a prompt (text or token ids). Raises ValueError for a prompt that cannot be served."""

@@ -1,17 +1,41 @@
 """The model runner: one executor rank's model, KV cache and sampler, driven by step plans.
 
     execute(plan):  drop finished ─▶ add new ─▶ update cached ─▶ build batch
+                    ─▶ [TP > 1: agree that every rank got this far]
                     ─▶ forward (a CUDA graph replay for decode steps on GPU)
                     ─▶ logits of sampling rows only ─▶ sample ─▶ finish decisions ─▶ StepResult
 
 The runner keeps its own copy of each request's tokens (prompt + sampled so far), so
 plans only carry diffs (see shared/protocol.py).
+
+Tensor parallelism (tp_group given; every rank runs `execute` on every plan, in lock-step):
+- The KV cache holds this rank's KV heads; all ranks take the smallest block count (one
+  all-reduce at start-up), so the scheduler sees one number.
+- Logits of the sampling rows are gathered on rank 0 only, which samples once with the
+  same seeded generators as at TP=1, then broadcasts the token ids: every rank appends them
+  to its own request state, since the next plan is a diff that does not carry them.
+- Step failure agreement: an exception while applying the plan or building the batch (or
+  `fail_step`, for a rank that could not even decode its plan) is not raised; every rank
+  all-reduces a failed-rank vector before the forward, and if any rank failed they all
+  return `StepResult(step_id, error=...)` and skip the forward, so they stay in lock-step
+  and usable: the scheduler aborts the step's requests and the next plan frees them. The
+  failed rank may have applied part of the plan; what it holds of those requests is freed
+  with them. An exception inside the forward or sampling (after the agreement) cannot be
+  recovered in lock-step: it is raised, the peers' next collective fails or hits the group
+  timeout, and the engine ends (its ranks are restarted together).
+- Only rank 0's StepResult counts (its logprobs, its errors); other ranks return the same
+  token ids without logprobs.
+
+Fault injection (tests of the service layer): FOLIO_FAULT_STEP="RANK:N", read at
+construction, makes rank RANK raise in its N-th step that has work (counting from 1), once,
+before the agreement, as a failure to apply the plan would.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +44,12 @@ import torch
 
 from services.executor.attention import AttentionMetadata, get_attention_backend
 from services.executor.cuda_graphs import DecodeGraphs, graph_sizes
-from services.executor.input_batch import InputBatch
+from services.executor.distributed import TPGroup
+from services.executor.input_batch import InputBatch, ModelInputs
 from services.executor.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
 from services.executor.loader import ResolvedModel, iter_weights, resolve_model
 from services.executor.models.model_config import ModelArgs, resolve_dtype
+from services.executor.models.parallel import TPInfo, all_reduce, broadcast_from_first
 from services.executor.models.registry import get_model_class
 from services.executor.sampler import Sampler, make_generator
 from shared.config import ConfigError, EngineConfig
@@ -31,6 +57,8 @@ from shared.protocol import StepPlan, StepResult
 from shared.stop import check_stop
 
 log = logging.getLogger(__name__)
+
+FAULT_ENV = "FOLIO_FAULT_STEP"
 
 
 class ModelRunner:
@@ -40,11 +68,20 @@ class ModelRunner:
         resolved: ResolvedModel | None = None,
         *,
         tp_rank: int = 0,
-        tp_group: torch.distributed.ProcessGroup | None = None,
+        tp_group: TPGroup | None = None,
     ) -> None:
+        """`tp_group` (from `form_tp_group`) is required when config.tensor_parallel_size > 1;
+        the rank's device is then the group's."""
         self.config = config
+        if (config.tensor_parallel_size > 1) != (tp_group is not None):
+            raise ValueError("a tensor-parallel group is needed exactly when tensor_parallel_size > 1")
+        tp_size = config.tensor_parallel_size
+        if tp_group is not None and (tp_group.rank, tp_group.size) != (tp_rank, tp_size):
+            raise ValueError(f"rank {tp_rank} of {config.tensor_parallel_size} given the group of {tp_group}")
         resolved = resolved or resolve_model(config.model, config.load_format, config.download_dir)
-        self.device = pick_device(config.device)
+        self.device = tp_group.device if tp_group is not None else pick_device(config.device)
+        self._fault_step = _read_fault_step(tp_rank)
+        self._num_work_steps = 0
         self.model_path: Path = resolved.path
         self.hf_config = resolved.hf_config
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
@@ -64,8 +101,9 @@ class ModelRunner:
             device=self.device,
             tp_rank=tp_rank,
             tp_size=config.tensor_parallel_size,
-            tp_group=tp_group,
+            tp_group=None if tp_group is None else tp_group.group,
         ).eval()
+        self.tp: TPInfo = self.model.tp  # its stats count the time spent in collectives
         if resolved.load_format == "dummy":
             self.model.init_dummy_weights(config.seed)
         else:
@@ -78,7 +116,13 @@ class ModelRunner:
             dtype=self.dtype,
             block_size=self.block_size,
         )
-        self.num_blocks = determine_num_blocks(config, spec, self.device, lambda: self._profile_run(spec))
+        num_blocks = determine_num_blocks(config, spec, self.device, lambda: self._profile_run(spec))
+        # Every rank must hold every block id the scheduler hands out: the smallest count.
+        agreed = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        if self.tp.size > 1:
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=self.tp.group)
+            log.info("KV cache: %d blocks here, %d on every rank", num_blocks, int(agreed.item()))
+        self.num_blocks = int(agreed.item())
         self.kv_caches = allocate_kv_cache(spec, self.num_blocks, self.device)
         # After the KV cache: graph memory is small, and the profile run must not see it.
         self.decode_graphs: DecodeGraphs | None = None
@@ -96,6 +140,38 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step. At TP > 1 call it on every rank for every plan, in the same order;
+        a failure before the forward is agreed on and returned as the step's error."""
+        failure = None
+        try:
+            inputs = self._apply(plan)
+        except Exception as e:
+            if self.tp.size == 1:
+                raise
+            log.exception("step %d: applying the plan failed on rank %d", plan.step_id, self.tp.rank)
+            failure, inputs = f"{type(e).__name__}: {e}", None
+        if self.tp.size > 1:
+            failed = self._agree(failure is not None)
+            if failed:
+                return _failed_step(plan.step_id, failed, failure)
+        if inputs is None:
+            return StepResult(step_id=plan.step_id)
+        return self._forward_and_sample(plan.step_id, inputs)
+
+    def fail_step(self, step_id: int, reason: str) -> StepResult:
+        """This rank could not even decode step `step_id`'s plan: take part in the step's
+        failure agreement (instead of `execute`) so every rank returns the error together."""
+        log.error("step %d failed on rank %d: %s", step_id, self.tp.rank, reason)
+        failed = self._agree(True) if self.tp.size > 1 else [self.tp.rank]
+        return _failed_step(step_id, failed, reason)
+
+    def _apply(self, plan: StepPlan) -> ModelInputs | None:
+        """Apply the plan's diffs to the input batch; the step's inputs, or None without work."""
+        has_work = any(n > 0 for n in plan.num_scheduled_tokens.values())
+        if has_work:
+            self._num_work_steps += 1
+            if self._num_work_steps == self._fault_step:
+                raise RuntimeError(f"injected fault ({FAULT_ENV}) in step {plan.step_id}")
         batch = self.input_batch
         for req_id in plan.finished_req_ids:
             batch.remove(req_id)
@@ -106,10 +182,17 @@ class ModelRunner:
             batch.add(new, None if seed is None else make_generator(seed, self.device))
         for cached in plan.cached_requests:
             batch.update(cached)
-        if not any(n > 0 for n in plan.num_scheduled_tokens.values()):
-            return StepResult(step_id=plan.step_id)
+        return batch.prepare(plan.num_scheduled_tokens) if has_work else None
 
-        inputs = batch.prepare(plan.num_scheduled_tokens)
+    def _agree(self, failed_here: bool) -> list[int]:
+        """Ranks that failed this step (the same list on every rank): one small all-reduce,
+        before any rank enters the forward's collectives."""
+        flags = torch.zeros(self.tp.size, dtype=torch.int32, device=self.device)
+        flags[self.tp.rank] = int(failed_here)
+        all_reduce(flags, self.tp)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def _forward_and_sample(self, step_id: int, inputs: ModelInputs) -> StepResult:
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(inputs.meta):
             hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
@@ -117,23 +200,31 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         requests = inputs.sampling_requests
         if not requests:  # only mid-prompt chunks this step
-            return StepResult(step_id=plan.step_id)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        out = self.sampler(logits, [r.sampling for r in requests])
+            return StepResult(step_id=step_id)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # None on ranks > 0
+        logprobs = []
+        if logits is not None:  # rank 0 samples, once, for all ranks
+            out = self.sampler(logits, [r.sampling for r in requests])
+            token_ids = out.token_ids
+            if any(lp is not None for lp in out.logprobs):
+                logprobs = [[lp] if lp is not None else [] for lp in out.logprobs]
+        if self.tp.size > 1:
+            # Every rank keeps its request state in sync: the next plan will not carry these.
+            ids = torch.tensor(token_ids, device=self.device) if logits is not None else None
+            if ids is None:
+                ids = torch.empty(len(requests), dtype=torch.int64, device=self.device)
+            token_ids = broadcast_from_first(ids, self.tp).tolist()
         finish_reasons = []
-        for request, token_id in zip(requests, out.token_ids, strict=True):
+        for request, token_id in zip(requests, token_ids, strict=True):
             request.append_token(token_id)
             # The one place a token-level finish is decided (the scheduler applies it).
             reason = check_stop(request.sampling.output_token_ids, request.num_prompt_tokens,
                                 request.sampling.params, self.eos_token_ids, self.max_model_len)
             finish_reasons.append(0 if reason is None else int(reason))
-        logprobs = []
-        if any(lp is not None for lp in out.logprobs):
-            logprobs = [[lp] if lp is not None else [] for lp in out.logprobs]
         return StepResult(
-            step_id=plan.step_id,
+            step_id=step_id,
             req_ids=[r.req_id for r in requests],
-            sampled_token_ids=[[t] for t in out.token_ids],
+            sampled_token_ids=[[t] for t in token_ids],
             logprobs=logprobs,
             finish_reasons=finish_reasons,
         )
@@ -186,6 +277,24 @@ class ModelRunner:
         rows = min(self.config.max_num_seqs, total)
         self.model.compute_logits(hidden[:rows])
         return spec.bytes_per_block * num_blocks
+
+
+def _failed_step(step_id: int, failed_ranks: list[int], reason: str | None) -> StepResult:
+    """The same message on every rank, plus this rank's own reason where it failed itself
+    (a peer's reason is in that peer's log)."""
+    error = f"step {step_id} failed on tensor-parallel rank(s) {failed_ranks}"
+    return StepResult(step_id=step_id, error=f"{error}: {reason}" if reason else error)
+
+
+def _read_fault_step(tp_rank: int) -> int | None:
+    """FOLIO_FAULT_STEP="RANK:N": this rank's N-th step with work raises (None: no fault)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    rank, _, n = spec.partition(":")
+    if not (rank.isdigit() and n.isdigit() and int(n) >= 1):
+        raise ConfigError(f"{FAULT_ENV} must look like RANK:N (N >= 1), got {spec!r}")
+    return int(n) if int(rank) == tp_rank else None
 
 
 def pick_device(name: str) -> torch.device:

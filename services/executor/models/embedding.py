@@ -2,7 +2,7 @@
 
 Each rank holds a contiguous slice of ceil(vocab / tp) rows (the last slice is padded
 with zero rows). Lookups of ids outside a rank's slice yield zeros and the ranks' results
-are summed; logits are computed per slice and concatenated.
+are summed; logits are computed per slice and concatenated on rank 0, the rank that samples.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.executor.models.parallel import TPInfo, all_gather_last_dim, all_reduce
+from services.executor.models.parallel import TPInfo, all_reduce, gather_last_dim_to_first
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -54,8 +54,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on rank 0; None on the other ranks (at tp_size > 1)."""
         logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
-            logits = all_gather_last_dim(logits, self.tp)[..., : self.vocab_size]
+            logits = gather_last_dim_to_first(logits, self.tp)
+            return None if logits is None else logits[..., : self.vocab_size]
         return logits

@@ -233,9 +233,11 @@ class LlamaForCausalLM(nn.Module):
         self.attn_backend.prepare(meta)
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the positions that sample -> float32 logits (rows, vocab)."""
-        return self.lm_head.compute_logits(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states of the positions that sample -> float32 logits (rows, vocab), on
+        rank 0 only: other tensor-parallel ranks take part in the gather and get None."""
+        logits = self.lm_head.compute_logits(hidden)
+        return None if logits is None else logits.float()
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,15 +1,35 @@
 """Tensor-parallel plumbing shared by the parallel layers.
 
-Every layer takes its rank and the group size explicitly (size 1 today). Collectives go
-through torch.distributed only when tp_size > 1, so a single-rank model never touches it.
+Every layer takes its rank and the group size explicitly. Collectives go through
+torch.distributed only when tp_size > 1, so a single-rank model never touches it.
+
+Each collective adds its wall time to `tp.stats` (two perf_counter calls: cheap next to a
+collective). On CPU (gloo) that is the time spent communicating plus waiting for the slowest
+peer; on CUDA (nccl, asynchronous) it is only the launch time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """Time spent inside collectives, accumulated since the last reset()."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+    def add(self, start: float) -> None:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
 
 
 @dataclass(frozen=True)
@@ -17,6 +37,7 @@ class TPInfo:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None  # None: the default (world) group
+    stats: CommStats = field(default_factory=CommStats, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -33,17 +54,37 @@ def all_reduce(x: torch.Tensor, tp: TPInfo) -> torch.Tensor:
     """Sum partial results across ranks (row-parallel outputs, vocab-parallel lookups)."""
     if tp.size == 1:
         return x
+    start = time.perf_counter()
     dist.all_reduce(x, group=tp.group)
+    tp.stats.add(start)
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor, tp: TPInfo) -> torch.Tensor:
-    """Concatenate per-rank shards along the last dimension (vocab-parallel logits)."""
+def gather_last_dim_to_first(x: torch.Tensor, tp: TPInfo) -> torch.Tensor | None:
+    """Concatenate per-rank shards along the last dimension on rank 0 only (vocab-parallel
+    logits: only rank 0 samples); other ranks get None."""
     if tp.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(tp.size)]
-    dist.all_gather(parts, x.contiguous(), group=tp.group)
-    return torch.cat(parts, dim=-1)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
+    start = time.perf_counter()
+    dist.gather(x, parts, dst=_global_rank(0, tp), group=tp.group)
+    tp.stats.add(start)
+    return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def broadcast_from_first(x: torch.Tensor, tp: TPInfo) -> torch.Tensor:
+    """Rank 0's `x` on every rank (in place; others pass a buffer of the same shape)."""
+    if tp.size == 1:
+        return x
+    start = time.perf_counter()
+    dist.broadcast(x, src=_global_rank(0, tp), group=tp.group)
+    tp.stats.add(start)
+    return x
+
+
+def _global_rank(group_rank: int, tp: TPInfo) -> int:
+    return group_rank if tp.group is None else dist.get_global_rank(tp.group, group_rank)
 
 
 def kv_head_range(total_kv_heads: int, tp: TPInfo) -> tuple[int, int]:
