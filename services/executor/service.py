@@ -195,17 +195,28 @@ class ExecutorService:
         try:
             return self.runner.execute(plan)
         except Exception as e:
+            if self.config.tensor_parallel_size > 1:
+                # Past the ranks' agreement (inside the forward): the peers are in, or will
+                # time out of, a collective this rank never reaches. The group is done for;
+                # the restart policy starts every rank again.
+                log.critical("step %d failed inside the forward on rank %d: %s: %s; leaving the group",
+                             plan.step_id, self.tp_rank, type(e).__name__, e)
+                raise
             log.exception("step %d failed", plan.step_id)
             return StepResult(step_id=plan.step_id, error=f"executor error: {type(e).__name__}: {e}")
 
     def fail_malformed(self, bad: Malformed) -> StepResult | None:
         """A plan that does not decode fails its step (the scheduler knows which requests it
-        held); None if not even its step id can be read."""
+        held); None if not even its step id can be read. Every rank reads the same bytes,
+        so every rank takes the same branch, and at TP > 1 they agree on the failure."""
         header = bad.header(StepHeader)
         if header is None:
             return None
         self.last_step_id = header.step_id
-        return StepResult(step_id=header.step_id, error=f"malformed step plan: {bad.error}")
+        reason = f"malformed step plan: {bad.error}"
+        if self.config.tensor_parallel_size > 1:
+            return self.runner.fail_step(header.step_id, reason)
+        return StepResult(step_id=header.step_id, error=reason)
 
     def _trace(self, plan: StepPlan) -> None:
         if not self.spans.enabled:
@@ -248,20 +259,37 @@ class ExecutorService:
 
 
 # ---------------------------------------------------------------------- entry point
-def build_runner(config: EngineConfig, tp_rank: int = 0):
-    """Resolve the model and build the ModelRunner (loads weights, allocates the KV cache).
-
-    NOTE: with tensor_parallel_size > 1 the ranks also need a torch.distributed group;
-    that setup is not done here yet (only tp 1 is served).
-    """
+def build_runner(config: EngineConfig, tp_rank: int = 0, tp_group=None):
+    """Resolve the model and build the ModelRunner (loads weights, allocates the KV cache);
+    at TP > 1 on this rank's device, in the group `tp_group` (see distributed.py)."""
     from services.executor.loader import resolve_model
     from services.executor.model_runner import ModelRunner
 
     t0 = time.monotonic()
     resolved = resolve_model(config.model, config.load_format, config.download_dir)
-    runner = ModelRunner(config, resolved, tp_rank=tp_rank)
+    runner = ModelRunner(config, resolved, tp_rank=tp_rank, tp_group=tp_group)
     log.info("model %s loaded in %.1fs", resolved.path, time.monotonic() - t0)
     return runner
+
+
+def join_and_build(config: EngineConfig, tp_rank: int, bus: Bus, engine_id: str):
+    """(runner, group): at TP > 1, form the engine's group first (through Redis, unless
+    --distributed-init-method names rank 0's store), then build the runner in it."""
+    if config.tensor_parallel_size == 1:
+        return build_runner(config, tp_rank), None
+    from services.executor.distributed import RedisRendezvous, form_tp_group
+
+    rendezvous = None
+    if config.distributed_init_method is None:
+        # Across hosts rank 0 must publish an address the others reach (the pod IP in k8s).
+        rendezvous = RedisRendezvous(bus.url, bus.keys.ns, engine_id,
+                                     advertise_host=os.environ.get("FOLIO_DISTRIBUTED_HOST") or None)
+    group = form_tp_group(config, tp_rank, rendezvous=rendezvous)
+    try:
+        return build_runner(config, tp_rank, group), group
+    except BaseException:
+        group.destroy()
+        raise
 
 
 async def serve(
@@ -274,8 +302,9 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    group = None
     try:
-        loading = _load_in_daemon_thread(config, tp_rank)
+        loading = _load_in_daemon_thread(config, tp_rank, bus, engine_id)
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait([loading, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():
@@ -283,7 +312,7 @@ async def serve(
             return 0
         stopper.cancel()
         try:
-            runner = loading.result()
+            runner, group = loading.result()
         except (ModelSourceError, ConfigError) as e:
             log.error("cannot load the model: %s", e)
             return 2
@@ -295,12 +324,14 @@ async def serve(
             stop_waiter.cancel()
         return 0
     finally:
+        if group is not None:
+            group.destroy()
         await bus.close()
 
 
-def _load_in_daemon_thread(config: EngineConfig, tp_rank: int) -> asyncio.Future:
-    """build_runner in a daemon thread: a SIGTERM while loading must not wait for the load
-    to finish (asyncio.to_thread's pool threads are joined at exit)."""
+def _load_in_daemon_thread(config: EngineConfig, tp_rank: int, bus: Bus, engine_id: str) -> asyncio.Future:
+    """join_and_build in a daemon thread: a SIGTERM while loading (or waiting for the other
+    ranks) must not wait for it to finish (asyncio.to_thread's pool threads are joined at exit)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
 
@@ -314,7 +345,7 @@ def _load_in_daemon_thread(config: EngineConfig, tp_rank: int) -> asyncio.Future
 
     def work() -> None:
         try:
-            result, error = build_runner(config, tp_rank), None
+            result, error = join_and_build(config, tp_rank, bus, engine_id), None
         except BaseException as e:
             result, error = None, e
         try:
