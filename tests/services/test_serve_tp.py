@@ -193,3 +193,42 @@ async def test_rank_raising_in_one_step_fails_that_step_only(tiny_model):
         await client.close()
     finally:
         serve.stop()
+
+
+def _metric(base: str, name: str) -> float:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{base}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_tp2_chunked_prefill_prefix_hit_and_preemption_equal_tp1(tiny_model):
+    """Tiny Llama at TP=2 through the server, with an 8-token step budget (chunked prefill),
+    two prompts sharing 3 blocks (a prefix hit) and a KV cache small enough to preempt:
+    the in-process engine at TP=1 on the same config gives the same greedy tokens."""
+    flags = dict(max_model_len=256, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4,
+                 max_num_batched_tokens=8)
+    shared = " ".join(f"t{10 + i}" for i in range(12))
+    prompts = [shared + " t40 t41", shared + " t50", "t7 t8 t9 t10 t11 t12 t13", "t90 t91"]
+    ref = LLM(str(tiny_model), dtype="float32", **flags)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = [o.outputs[0].text for o in ref.generate(prompts, params)]
+    del ref
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    serve = TPServe(tiny_model, 2, *argv)
+    try:
+        serve.wait_ready()
+        client = serve.client()
+        first = await client.completions.create(model=serve.model, prompt=prompts[0], max_tokens=30,
+                                                temperature=0.0, extra_body={"ignore_eos": True})
+        rest = await asyncio.gather(*(
+            client.completions.create(model=serve.model, prompt=p, max_tokens=30, temperature=0.0,
+                                      extra_body={"ignore_eos": True}) for p in prompts[1:]))
+        assert [r.choices[0].text for r in [first, *rest]] == expected
+        assert _metric(serve.base, "folio:prefix_cache_hits_total") >= 12
+        assert _metric(serve.base, "folio:num_preemptions_total") > 0, "no preemption happened"
+        await client.close()
+    finally:
+        serve.stop()
