@@ -231,8 +231,17 @@ async def test_only_rank0_publishes(redis_url, config):
     sched = h.scheduler()
     sched.add_request(Request(req_id="r", prompt_token_ids=[1, 2, 3], reply_to=h.channel,
                               sampling_params=SamplingParams(temperature=0.0, max_tokens=1)))
-    await h.bus.send_step("e0", sched.schedule())
-    assert await h.bus.read_result("e0", "0-0", block_ms=1000) is None
+    plan = sched.schedule()
+    await h.bus.send_step("e0", plan)
+    # Rank 1 reads and runs the step (its runner sampled the request's token) ...
+    deadline = time.monotonic() + 30
+    while h.service.last_step_id != plan.step_id or len(
+        h.service.runner.input_batch.requests["r"].sampling.output_token_ids
+    ) != 1:
+        assert time.monotonic() < deadline, "rank 1 never executed the step"
+        await asyncio.sleep(0.02)
+    # ... but neither reports a result nor streams tokens.
+    assert await h.bus.read_result("e0", "0-0", block_ms=500) is None
     await asyncio.sleep(0.2)
     assert h.deltas == []
     await h.stop()
