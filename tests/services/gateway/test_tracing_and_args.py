@@ -84,7 +84,8 @@ def test_api_key_defaults_to_folio_api_key_env(monkeypatch):
     p = argparse.ArgumentParser()
     add_cli_args(p)  # the default is read when the flag is defined
     assert settings_from_args(p.parse_args(["--redis-url", "redis://x"])).api_key == "from-env"
-    assert settings_from_args(p.parse_args(["--redis-url", "redis://x", "--api-key", "flag"])).api_key == "flag"
+    flag = p.parse_args(["--redis-url", "redis://x", "--api-key", "flag"])
+    assert settings_from_args(flag).api_key == "flag"
     monkeypatch.setenv("FOLIO_API_KEY", "")  # empty: no key
     p = argparse.ArgumentParser()
     add_cli_args(p)
