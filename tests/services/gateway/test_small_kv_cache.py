@@ -87,10 +87,10 @@ async def test_seeded_sampling_survives_preemption(small, server, prompts):
     before = metrics(small.url)
     got = await _seeded_texts(small, prompts)
     want = await _seeded_texts(server, prompts)
-    wait_metrics(small.url, lambda m: m[PREEMPTIONS] > before[PREEMPTIONS], what="preemptions")
-    assert metrics(server.url)[PREEMPTIONS] == roomy_before
     assert got == want
     assert len(set(got)) == len(got)
+    wait_metrics(small.url, lambda m: m[PREEMPTIONS] > before[PREEMPTIONS], what="preemptions")
+    assert metrics(server.url)[PREEMPTIONS] == roomy_before
 
 
 def test_prompt_larger_than_the_kv_cache_is_an_error_and_counted(small):
