@@ -50,21 +50,21 @@ def render_chat(
     conv = to_conversation(messages)
     if getattr(tokenizer, "chat_template", None) is None:
         raise BadRequestError("This model has no chat template; use /v1/completions.", "messages")
-    if add_generation_prompt and continue_final_message:
+    # As vLLM: chat_template_kwargs go to the template last, so they may override the
+    # request's own flags (e.g. {"add_generation_prompt": false}).
+    kwargs: dict = {
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+    }
+    if tools:
+        kwargs["tools"] = tools
+    kwargs.update(chat_template_kwargs or {})
+    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
         raise BadRequestError(
             "add_generation_prompt and continue_final_message cannot both be true.", "continue_final_message"
         )
-    kwargs = dict(chat_template_kwargs or {})
-    if tools:
-        kwargs["tools"] = tools
     try:
-        text = tokenizer.apply_chat_template(
-            conv,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            **kwargs,
-        )
+        text = tokenizer.apply_chat_template(conv, tokenize=False, **kwargs)
     except Exception as e:  # jinja errors: the template rejected this conversation
         raise BadRequestError(f"Cannot apply the chat template: {e}", "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from services.gateway.chat import render_chat
-from services.gateway.generation import Generation
+from services.gateway.generation import Generation, stream_usage_flags
 from services.gateway.openai_protocol import ChatCompletionRequest
 from services.gateway.requests import check_model, require_engine
 from services.gateway.sampling import (
@@ -47,8 +47,8 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
     )
     await gen.start()
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(gen, lambda: _stream(state, gen, top_k, include_usage))
+        include_usage, continuous_usage = stream_usage_flags(req.stream_options)
+        return stream_response(gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage))
     return await with_disconnect_abort(raw, gen, _full(state, gen, top_k))
 
 
@@ -77,7 +77,7 @@ async def _full(state: GatewayState, gen: Generation, top_k: int | None) -> Resp
 
 
 async def _stream(
-    state: GatewayState, gen: Generation, top_k: int | None, include_usage: bool
+    state: GatewayState, gen: Generation, top_k: int | None, include_usage: bool, continuous_usage: bool
 ) -> AsyncIterator[bytes]:
     head = {
         "id": gen.request_id,
@@ -90,6 +90,8 @@ async def _stream(
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
+        if continuous_usage:
+            return event({**head, "choices": [choice], "usage": gen.choice_usage(gen.choices[index])})
         return event({**head, "choices": [choice]})
 
     # The role comes first, in a chunk of its own (as OpenAI and vLLM send it).

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from services.gateway.errors import BadRequestError
-from services.gateway.generation import Generation, Update
+from services.gateway.generation import Generation, Update, stream_usage_flags
 from services.gateway.openai_protocol import CompletionRequest
 from services.gateway.requests import check_model, require_engine
 from services.gateway.sampling import (
@@ -64,8 +64,7 @@ async def create_completion(state: GatewayState, req: CompletionRequest, raw: Re
     n = params.n
     await gen.start()
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(gen, lambda: _stream(state, gen, req, echo, n, include_usage))
+        return stream_response(gen, lambda: _stream(state, gen, req, echo, n))
     return await with_disconnect_abort(raw, gen, _full(state, gen, req, echo, n))
 
 
@@ -113,8 +112,9 @@ async def _full(
 
 
 async def _stream(
-    state: GatewayState, gen: Generation, req: CompletionRequest, echo: list[str], n: int, include_usage: bool
+    state: GatewayState, gen: Generation, req: CompletionRequest, echo: list[str], n: int
 ) -> AsyncIterator[bytes]:
+    include_usage, continuous_usage = stream_usage_flags(req.stream_options)
     head = {
         "id": gen.request_id,
         "object": "text_completion",
@@ -130,6 +130,8 @@ async def _stream(
             "finish_reason": finish_reason,
             "stop_reason": stop_reason,
         }
+        if continuous_usage:
+            return event({**head, "choices": [choice], "usage": gen.choice_usage(gen.choices[index])})
         return event({**head, "choices": [choice]})
 
     if req.echo:

@@ -196,3 +196,17 @@ class Generation:
     def usage(self) -> dict:
         p, c = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @staticmethod
+    def choice_usage(choice: Choice) -> dict:
+        """One choice's usage so far: what `stream_options.continuous_usage_stats` puts on each
+        of its chunks (vLLM: that choice's prompt and its completion tokens up to this chunk)."""
+        p, c = len(choice.prompt_ids), len(choice.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def stream_usage_flags(stream_options) -> tuple[bool, bool]:
+    """(usage at the end, usage on every chunk): vLLM sends continuous usage only together
+    with include_usage."""
+    include = bool(stream_options and stream_options.include_usage)
+    return include, include and bool(stream_options.continuous_usage_stats)

@@ -3,8 +3,14 @@
 Engine state (running/waiting requests, KV cache usage, prefix cache, preemptions) is
 owned by the schedulers: it is read from their published EngineStats at scrape time and
 summed over engines. Request-level metrics (tokens, finish reasons, latencies) are
-measured here, where the client's clock is. Each app gets its own registry, so several
-apps (tests, replicas in one process) never collide.
+measured here, where the client's clock is.
+
+NOTE: with n > 1, `prompt_tokens` counts the prompt once per choice, as vLLM does (each
+of the n choices is its own request in vLLM's output processor, which adds that
+request's prompt_len to the counter), while the response's `usage` counts it once.
+
+Each app gets its own registry, so several apps (tests, replicas in one process) never
+collide.
 """
 
 from __future__ import annotations

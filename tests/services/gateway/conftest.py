@@ -6,6 +6,7 @@ OpenAI Python SDK is the client, as users have it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,8 +54,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def server():
+@contextlib.contextmanager
+def run_server(*extra_args: str, api_key: str = API_KEY):
+    """`folio serve` SmolLM2 on a free port with these extra flags; yields a healthy Server."""
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="folio-serve-", suffix=".log", delete=False)
     cmd = [
@@ -70,14 +72,15 @@ def server():
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--api-key",
-        API_KEY,
+        api_key,
+        *extra_args,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("FOLIO_API_KEY", None)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
-    srv = Server(f"http://127.0.0.1:{port}", API_KEY, MODEL, proc, log.name)
+    srv = Server(f"http://127.0.0.1:{port}", api_key, MODEL, proc, log.name)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(srv.url):
@@ -97,6 +100,12 @@ def server():
                 proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def server():
+    with run_server() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.parse
 import urllib.request
 
@@ -60,3 +61,29 @@ def open_stream(url: str, path: str, payload: dict, api_key: str) -> http.client
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
     )
     return conn
+
+
+def request(url: str, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> int:
+    """Any method, optional JSON body; the status code."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def wait_metrics(url: str, done, deadline_s: float = 30.0, what: str = "") -> dict[str, float]:
+    """Poll /metrics until done(metrics) (engine stats are published every ~0.5 s)."""
+    t0 = time.monotonic()
+    while True:
+        m = metrics(url)
+        if done(m):
+            return m
+        if time.monotonic() - t0 > deadline_s:
+            raise AssertionError(f"/metrics never showed {what or 'it'} in {deadline_s}s: {m}")
+        time.sleep(0.1)

@@ -53,7 +53,7 @@ def test_chat_logprobs(client, server):
     assert "".join(i.token for i in content) == r.choices[0].message.content
 
 
-def test_chat_content_parts_and_n(client, server):
+def test_chat_content_parts_and_n(client, server, tokenizer):
     r = client.chat.completions.create(
         model=server.model,
         messages=[{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}],
@@ -64,6 +64,11 @@ def test_chat_content_parts_and_n(client, server):
     )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.usage.completion_tokens == 8
+    # The part's text reached the prompt: the same tokens as the message as a plain string
+    # (counted once for the n choices, as OpenAI's usage does).
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert r.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_max_completion_tokens(client, server):

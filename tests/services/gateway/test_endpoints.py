@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.services.gateway.http_util import get, metrics, raw_post
+from tests.services.gateway.http_util import get, metrics, raw_post, wait_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -75,4 +75,24 @@ def test_metrics_names_and_counters(client, server):
         after["folio:inter_token_latency_seconds_count"] - before["folio:inter_token_latency_seconds_count"]
         == 3
     )
-    assert after["folio:prefix_cache_queries_total"] >= before["folio:prefix_cache_queries_total"]
+    # Engine counters arrive with its next stats (~0.5 s): the prompt was queried.
+    queries = "folio:prefix_cache_queries_total"
+    wait_metrics(server.url, lambda m: m[queries] - before[queries] == r.usage.prompt_tokens, what="a query")
+
+
+def test_prefix_cache_hits_count_whole_cached_blocks(client, server):
+    """Sent twice, a prompt of several blocks hits every whole block but the one holding its
+    last token (block size 16, the default)."""
+    # Words no other test sends, so nothing of it is cached yet.
+    prompt = "Zebra quartz " + " ".join(f"w{i}x{i * 7}" for i in range(24))
+    queries, hits = "folio:prefix_cache_queries_total", "folio:prefix_cache_hits_total"
+    base = metrics(server.url)
+    first = client.completions.create(model=server.model, prompt=prompt, max_tokens=1)
+    p = first.usage.prompt_tokens
+    assert p > 2 * 16, p
+    m1 = wait_metrics(server.url, lambda m: m[queries] - base[queries] == p, what="the first query")
+    assert m1[hits] == base[hits]
+    second = client.completions.create(model=server.model, prompt=prompt, max_tokens=1)
+    assert second.usage.prompt_tokens == p
+    m2 = wait_metrics(server.url, lambda m: m[queries] - base[queries] == 2 * p, what="the second query")
+    assert m2[hits] - m1[hits] == (p - 1) // 16 * 16

@@ -296,5 +296,6 @@ async def test_client_disconnect_publishes_abort(gateway, tokenizer):
     writer.close()
     t0 = time.monotonic()
     while req.req_id not in engine.aborted:
-        assert time.monotonic() - t0 < 1.0, "disconnect not turned into an abort within a second"
+        assert time.monotonic() - t0 < 15.0, "disconnect never turned into an abort"
         await asyncio.sleep(0.01)
+    print(f"abort published {time.monotonic() - t0:.3f}s after the disconnect")

@@ -67,7 +67,8 @@ def test_gateway_flags_alone():
     assert s.gateway_id.startswith("gw-") and args.port == 9001
 
 
-def test_gateway_flags_compose_with_a_parser_that_has_engine_and_bus_flags():
+def test_gateway_flags_compose_with_a_parser_that_has_engine_and_bus_flags(monkeypatch):
+    monkeypatch.delenv("FOLIO_API_KEY", raising=False)
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="::")
     add_engine_args(p)
@@ -75,4 +76,17 @@ def test_gateway_flags_compose_with_a_parser_that_has_engine_and_bus_flags():
     add_cli_args(p)  # must not clash
     args = p.parse_args(["--redis-url", "redis://x", "--model", "m", "--gateway-id", "g1"])
     s = settings_from_args(args)
-    assert s.model == "m" and s.gateway_id == "g1" and s.api_key in (None, s.api_key) and args.host == "::"
+    assert s.model == "m" and s.gateway_id == "g1" and s.api_key is None and args.host == "::"
+
+
+def test_api_key_defaults_to_folio_api_key_env(monkeypatch):
+    monkeypatch.setenv("FOLIO_API_KEY", "from-env")
+    p = argparse.ArgumentParser()
+    add_cli_args(p)  # the default is read when the flag is defined
+    assert settings_from_args(p.parse_args(["--redis-url", "redis://x"])).api_key == "from-env"
+    flag = p.parse_args(["--redis-url", "redis://x", "--api-key", "flag"])
+    assert settings_from_args(flag).api_key == "flag"
+    monkeypatch.setenv("FOLIO_API_KEY", "")  # empty: no key
+    p = argparse.ArgumentParser()
+    add_cli_args(p)
+    assert settings_from_args(p.parse_args(["--redis-url", "redis://x"])).api_key is None

@@ -199,7 +199,9 @@ async def test_rejected_and_malformed_requests_get_an_error(gateway):
     assert "max_model_len" in got["too-long"][0].error
     # The engine still serves.
     await gateway.submit(_req("after", [1, 2, 3], gateway, max_tokens=3, ignore_eos=True))
-    assert len((await _finished(gateway, ["after"]))["after"][-1].token_ids) >= 1
+    after = (await _finished(gateway, ["after"]))["after"]
+    assert len([t for d in after for t in d.token_ids]) == 3
+    assert after[-1].finish_reason == FinishReason.LENGTH
 
 
 async def test_abort_frees_blocks(gateway):
