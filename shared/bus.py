@@ -248,6 +248,13 @@ class Bus:
         key = self.keys.requests
         return await self._decode_entries(key, [(key, claimed)], GenerateRequest)
 
+    async def subscribers(self, channels: list[str]) -> dict[str, int]:
+        """How many subscribers each channel has (one PUBSUB NUMSUB)."""
+        if not channels:
+            return {}
+        counts = await self.redis.pubsub_numsub(*channels)
+        return {(c.decode() if isinstance(c, bytes) else c): int(n) for c, n in counts}
+
     async def ack_request(self, *msg_ids: bytes) -> None:
         if msg_ids:
             await self.redis.xack(self.keys.requests, SCHEDULER_GROUP, *msg_ids)

@@ -86,6 +86,7 @@ class SchedulerService:
         self._step_id = 0
         self._last_stats = 0.0
         self._last_rescue = 0.0
+        self._silent: set[str] = set()  # reply channels with no subscriber at the last check
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -291,8 +292,9 @@ class SchedulerService:
         await self._admit(await self.bus.claim_requests(self.engine_id, count=room, block_ms=block_ms))
 
     async def _rescue(self) -> None:
-        """Take over the unfinished requests of engines whose heartbeat expired, and this
-        engine's own from before a restart or an executor failure, at most once a second."""
+        """At most once a second: take over the unfinished requests of engines whose
+        heartbeat expired, and this engine's own from before a restart or an executor
+        failure; abort the requests of gateways that are gone."""
         now = time.monotonic()
         if now - self._last_rescue < RESCUE_INTERVAL_S:
             return
@@ -311,6 +313,21 @@ class SchedulerService:
                 await self.bus.forget_engine(owner)  # once all it held is taken, its log is garbage
         if not sched.requests:
             await self.bus.trim_idle_log(self.engine_id)
+        await self._abort_orphans()
+
+    async def _abort_orphans(self) -> None:
+        """Abort requests whose gateway is gone (killed: it could not say so): their reply
+        channel has had no subscriber at two checks in a row. A restarted gateway listens on
+        a channel of its own, so nobody would ever read their tokens."""
+        sched = self.scheduler
+        assert sched is not None
+        channels = {r.reply_to for r in sched.requests.values() if r.reply_to}
+        silent = {ch for ch, n in (await self.bus.subscribers(sorted(channels))).items() if n == 0}
+        gone, self._silent = silent & self._silent, silent
+        if gone:
+            ids = [r.req_id for r in sched.requests.values() if r.reply_to in gone]
+            log.warning("aborting %d request(s) of gone gateway(s) %s", len(ids), sorted(gone))
+            self._aborts.update(ids)
 
     async def _admit(
         self, claimed: list[tuple[bytes, GenerateRequest | Malformed]], resumed_from: str = ""

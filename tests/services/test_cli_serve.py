@@ -4,6 +4,7 @@ flags, and the deployment files that run the same entry points."""
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -309,19 +310,60 @@ def test_serve_lifecycle(tiny_model):
             serve.kill_all()
 
 
+def _stream_words(base: str, model: Path, max_tokens: int, started: threading.Event) -> tuple[str, str]:
+    """Stream a greedy completion; (text, "" or the error the client saw)."""
+    body = json.dumps({"model": str(model), "prompt": "t5 t9 t12", "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = ""
+    try:
+        with opener.open(req, timeout=60) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line == "data: [DONE]":
+                    return text, ""
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return text, event["error"]["message"]
+                text += event["choices"][0]["text"]
+                started.set()
+    except (OSError, http.client.HTTPException) as e:
+        return text, f"{type(e).__name__}: {e}"
+    return text, "the stream ended without [DONE]"
+
+
 @pytest.mark.slow
 def test_serve_restarts_a_dead_child(tiny_model):
-    """Once ready, a child killed with SIGKILL is reported and restarted (an executor with
-    the other ranks of its engine); the server answers again with the new processes."""
+    """Once ready, a child killed with SIGKILL mid-stream is reported and restarted (an
+    executor with the other ranks of its engine). What the client in flight sees: with the
+    scheduler or the executor killed, its stream goes on to the last token (the request is
+    resumed); with the gateway killed, its connection ends early (no [DONE]), and the engine
+    aborts the request once it sees nobody listens on its channel. The server then
+    answers again with the new processes."""
     serve = Serve(tiny_model)
     try:
         children = serve.wait_ready()
         base = f"http://127.0.0.1:{serve.port}"
-        body = {"model": str(tiny_model), "prompt": "t5 t9 t12", "max_tokens": 4, "temperature": 0,
-                "ignore_eos": True}
-        for role in ("scheduler", "executor"):
+        baseline, error = _stream_words(base, tiny_model, 120, threading.Event())
+        assert not error and len(baseline.split()) == 120
+        for role in ("scheduler", "executor", "gateway"):
+            started, result = threading.Event(), []
+            client = threading.Thread(target=lambda: result.append(  # noqa: B023
+                _stream_words(base, tiny_model, 120, started)))  # noqa: B023
+            client.start()
+            assert started.wait(60), serve.output()
             [pid] = [p for p, cmd in children.items() if f"services.cli {role}" in cmd]
             os.kill(pid, signal.SIGKILL)
+            client.join(90)
+            [(text, error)] = result
+            if role == "gateway":
+                assert error and baseline.startswith(text), (text, error)
+            else:
+                assert (text, error) == (baseline, ""), serve.output()
             deadline = time.monotonic() + 60
             while True:
                 assert serve.proc.poll() is None, serve.output()
@@ -332,13 +374,17 @@ def test_serve_restarts_a_dead_child(tiny_model):
                 time.sleep(0.1)
             assert f"the {role} was killed by SIGKILL; restarting" in "".join(serve.stderr), serve.output()
             deadline = time.monotonic() + 60
-            while True:  # the restarted engine registers again, then serves
+            while True:  # the restarted service comes up, then serves
                 try:
-                    status, reply = _http(f"{base}/v1/completions", body)
+                    status, reply = _http(f"{base}/v1/completions", {
+                        "model": str(tiny_model), "prompt": "t5 t9 t12", "max_tokens": 4, "temperature": 0,
+                        "ignore_eos": True})
                     break
                 except urllib.error.HTTPError as e:
                     assert e.code == 503 and time.monotonic() < deadline, serve.output()
-                    time.sleep(0.2)
+                except OSError:  # the gateway is not listening yet
+                    assert time.monotonic() < deadline, serve.output()
+                time.sleep(0.2)
             assert status == 200 and reply["usage"]["completion_tokens"] == 4
             children = _descendants(serve.proc.pid)
         serve.proc.send_signal(signal.SIGTERM)

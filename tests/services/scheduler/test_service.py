@@ -323,3 +323,32 @@ async def test_spans_continue_the_gateways_trace(redis_url, model):
         assert span.attributes[GenAI.USAGE_COMPLETION_TOKENS] == 3
     assert spans["folio.scheduler.request"].attributes[GenAI.REQUEST_MAX_TOKENS] == 3
     assert list(spans["folio.scheduler.request"].attributes[GenAI.RESPONSE_FINISH_REASONS]) == ["length"]
+
+
+async def test_requests_of_a_gone_gateway_are_aborted(redis_url):
+    """A gateway killed without a word leaves its reply channel with no subscriber: at the
+    second check in a row the scheduler aborts its requests (their blocks freed, their
+    entries retired); a live gateway's requests are untouched."""
+    from services.scheduler.scheduler import Scheduler
+    from services.scheduler.service import SchedulerService
+
+    bus = Bus(redis_url, "torphan")
+    svc = SchedulerService(bus, "e9", _config("unused"))
+    svc.scheduler = Scheduler(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                              max_model_len=64, enable_prefix_caching=False)
+    live, gone = bus.keys.gateway_tokens("live"), bus.keys.gateway_tokens("gone")
+    pubsub = bus.redis.pubsub()
+    await pubsub.subscribe(live)
+    try:
+        for i, (req_id, channel) in enumerate((("a", live), ("b", gone), ("c", gone))):
+            svc.scheduler.add_request(Request(req_id=req_id, prompt_token_ids=[1, 2, 3], reply_to=channel,
+                                              sampling_params=SamplingParams(), stream_id=f"1-{i}".encode()))
+        await svc._abort_orphans()
+        assert svc._aborts == set()  # silent once is not gone yet
+        await svc._abort_orphans()
+        assert svc._aborts == {"b", "c"}
+        await svc._apply_aborts()
+        assert list(svc.scheduler.requests) == ["a"]
+    finally:
+        await pubsub.aclose()
+        await bus.close()
