@@ -28,3 +28,13 @@ def smollm2_dir() -> Path:
     from services.executor.loader import resolve_model
 
     return resolve_model("smollm2-135m-instruct").path
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A private redis-server (unix socket, no persistence) for one test module."""
+    from shared.redis_server import start_private_redis
+
+    server = start_private_redis()
+    yield server.url
+    server.stop()

@@ -11,18 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
 from shared.bus import SCHEDULER_GROUP, Bus
-from shared.redis_server import start_private_redis
-from tests.services.test_cli_serve import ROOT, _descendants, _free_port
+from tests.services.serve_process import ServeProcess
+from tests.services.test_cli_serve import _descendants
 
 pytestmark = pytest.mark.slow
 
@@ -32,64 +28,11 @@ MAX_TOKENS = 20
 NS = "tresume"
 
 
-class DPServe:
-    """`folio serve --data-parallel-size 2` on a Redis the test owns (to inspect the stream)."""
-
-    def __init__(self, redis_url: str, smollm2_dir: Path) -> None:
-        self.port = _free_port()
-        cmd = [sys.executable, "-m", "services.cli", "serve", str(smollm2_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--served-model-name", MODEL, "--dtype", "float32",
-               "--device", "cpu", "--max-model-len", "256", "--max-num-seqs", "8",
-               "--data-parallel-size", "2", "--redis-url", redis_url, "--redis-namespace", NS]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=ROOT, env=env, start_new_session=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "is ready" in line:
-                self.ready.set()
-
-    def output(self) -> str:
-        return "".join(self.lines[-80:])
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self.ready.wait(0.5):
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, self.output()
-
-    def pid_of(self, role: str, engine_id: str) -> int:
-        [pid] = [p for p, cmd in _descendants(self.proc.pid).items()
-                 if f"services.cli {role} --engine-id {engine_id} " in cmd]
-        return pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                for pid in [*_descendants(self.proc.pid), self.proc.pid]:
-                    os.kill(pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = start_private_redis()
-    yield server.url
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def serve(redis_url, smollm2_dir):
-    s = DPServe(redis_url, smollm2_dir)
+    s = ServeProcess(smollm2_dir, "--served-model-name", MODEL, "--dtype", "float32",
+                     "--max-model-len", "256", "--max-num-seqs", "8", "--data-parallel-size", "2",
+                     "--redis-url", redis_url, "--redis-namespace", NS)
     try:
         s.wait_ready()
         yield s
@@ -131,7 +74,7 @@ async def _stream(client: openai.AsyncOpenAI, kw: dict, progress: list[int]) -> 
     return [(t, usage.completion_tokens, r) for t, r in zip(texts, reasons, strict=True)]
 
 
-async def _run(serve: DPServe, kill: tuple[str, str] | None = None) -> list:
+async def _run(serve: ServeProcess, kill: tuple[str, str] | None = None) -> list:
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{serve.port}/v1", api_key="x", max_retries=0,
                                 timeout=120)
     progress = [0]

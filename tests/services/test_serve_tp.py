@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,65 +17,14 @@ import openai
 import pytest
 
 from services.engine import LLM, SamplingParams
-from tests.services.test_cli_serve import ROOT, _descendants, _free_port, _tiny_model_with_tokenizer
+from tests.services.serve_process import ServeProcess
+from tests.services.test_cli_serve import _descendants, _tiny_model_with_tokenizer
 
 pytestmark = pytest.mark.slow
 
 
-class TPServe:
-    def __init__(self, model: Path, tp: int, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.model = str(model)
-        cmd = [sys.executable, "-m", "services.cli", "serve", self.model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--dtype", "float32", "--device", "cpu",
-               "--tensor-parallel-size", str(tp), *extra]
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        full_env.pop("FOLIO_REDIS_URL", None)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=ROOT, env=full_env, start_new_session=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "is ready" in line:
-                self.ready.set()
-
-    def output(self) -> str:
-        return "".join(self.lines[-80:])
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self.ready.wait(0.5):
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, self.output()
-
-    def client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key="x", max_retries=0, timeout=120)
-
-    def health(self) -> int:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"{self.base}/health", timeout=2) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                assert self.proc.wait(30) == 0, self.output()
-            finally:
-                if self.proc.poll() is None:
-                    for pid in [*_descendants(self.proc.pid), self.proc.pid]:
-                        os.kill(pid, signal.SIGKILL)
+def tp_serve(model: Path, tp: int, *flags: str, env: dict[str, str] | None = None) -> ServeProcess:
+    return ServeProcess(model, "--dtype", "float32", "--tensor-parallel-size", str(tp), *flags, env=env)
 
 
 def _cpu_seconds(pids) -> dict[int, float]:
@@ -101,7 +47,7 @@ async def test_smollm2_tp3_through_the_server_equals_tp1(smollm2_dir):
     expected = [o.outputs[0].text for o in
                 ref.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))]
     del ref
-    serve = TPServe(smollm2_dir, 3, "--max-model-len", "256", "--served-model-name", "smol")
+    serve = tp_serve(smollm2_dir, 3, "--max-model-len", "256", "--served-model-name", "smol")
     try:
         serve.wait_ready()
         client = serve.client()
@@ -139,7 +85,7 @@ async def _streams(client: openai.AsyncOpenAI, model: str, n: int, first: asynci
 
 
 async def test_killed_rank_engine_comes_back_and_streams_complete(tiny_model):
-    serve = TPServe(tiny_model, 2, *TINY)
+    serve = tp_serve(tiny_model, 2, *TINY)
     try:
         serve.wait_ready()
         client = serve.client()
@@ -178,7 +124,7 @@ async def test_killed_rank_engine_comes_back_and_streams_complete(tiny_model):
 async def test_rank_raising_in_one_step_fails_that_step_only(tiny_model):
     """FOLIO_FAULT_STEP=1:3: rank 1 raises in its 3rd step with work (before the ranks'
     agreement): that step's request gets an error, the engine goes on serving."""
-    serve = TPServe(tiny_model, 2, *TINY, env={"FOLIO_FAULT_STEP": "1:3"})
+    serve = tp_serve(tiny_model, 2, *TINY, env={"FOLIO_FAULT_STEP": "1:3"})
     try:
         serve.wait_ready()
         client = serve.client()
@@ -217,7 +163,7 @@ async def test_tp2_chunked_prefill_prefix_hit_and_preemption_equal_tp1(tiny_mode
     expected = [o.outputs[0].text for o in ref.generate(prompts, params)]
     del ref
     argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    serve = TPServe(tiny_model, 2, *argv)
+    serve = tp_serve(tiny_model, 2, *argv)
     try:
         serve.wait_ready()
         client = serve.client()

@@ -21,15 +21,7 @@ from shared.protocol import (
     TokenBatch,
     TokenDelta,
 )
-from shared.redis_server import start_private_redis
 from shared.sampling_params import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = start_private_redis()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture

@@ -16,18 +16,10 @@ import torch.distributed as dist
 
 from services.executor.distributed import RedisRendezvous, form_tp_group
 from shared.config import EngineConfig
-from shared.redis_server import start_private_redis
 
 pytestmark = pytest.mark.slow
 
 CONFIG = EngineConfig(tensor_parallel_size=2, device="cpu", step_timeout=60)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = start_private_redis()
-    yield server.url
-    server.stop()
 
 
 def _join_and_report(rendezvous: RedisRendezvous, queue) -> None:

@@ -19,16 +19,8 @@ from services.scheduler.scheduler import Scheduler
 from shared.bus import Bus
 from shared.config import EngineConfig
 from shared.protocol import CachedRequestData, FinishReason, StepPlan, TokenDelta
-from shared.redis_server import start_private_redis
 from shared.sampling_params import SamplingParams
 from tests.tiny_models import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = start_private_redis()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

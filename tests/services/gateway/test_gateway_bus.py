@@ -23,16 +23,8 @@ from services.gateway.app import build_app
 from services.gateway.state import GatewaySettings
 from shared.bus import Bus
 from shared.protocol import EngineInfo, FinishReason, GenerateRequest, TokenBatch, TokenDelta
-from shared.redis_server import start_private_redis
 
 MODEL = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    r = start_private_redis()
-    yield r.url
-    r.stop()
 
 
 class EngineSide:

@@ -19,7 +19,6 @@ from services.scheduler.request import Request
 from shared.bus import SCHEDULER_GROUP, Bus
 from shared.config import EngineConfig
 from shared.protocol import FinishReason, GenerateRequest, TokenDelta
-from shared.redis_server import start_private_redis
 from shared.sampling_params import SamplingParams
 from tests.tiny_models import make_tiny_model
 
@@ -64,13 +63,6 @@ async def _wait_engine(bus: Bus, engine: Engine, timeout_s: float = 120) -> None
             assert p.poll() is None, f"{role} exited with {p.returncode}\n{engine.logs()}"
         assert time.monotonic() < deadline, f"engine never registered\n{engine.logs()}"
         await asyncio.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = start_private_redis()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")
