@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 
-from tests.services.test_cli_serve import ROOT, _descendants, _free_port
+from tests.services.test_cli_serve import ROOT, _descendants, _free_port, _kill_tree
 
 
 class ServeProcess:
@@ -78,9 +78,4 @@ class ServeProcess:
             assert self.proc.wait(30) == 0, self.output()
         finally:
             if self.proc.poll() is None:
-                for pid in [*_descendants(self.proc.pid), self.proc.pid]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.proc.wait(10)
+                _kill_tree(self.proc)

@@ -264,13 +264,17 @@ class Serve:
         return children
 
     def kill_all(self) -> None:
-        """Last resort so a failing test leaves nothing behind."""
-        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
+        _kill_tree(self.proc)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Last resort so a failing test leaves nothing behind: SIGKILL the process and all below it."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
 
 
 def _http(url: str, body: dict | None = None) -> tuple[int, dict | None]:
