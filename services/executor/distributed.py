@@ -10,7 +10,10 @@ process group.
 Rank 0 serves a `torch.distributed.TCPStore`; the other ranks connect to it and the group is
 initialised over it (gloo on CPU or when `distributed_backend="gloo"`, nccl on CUDA). The
 group has a timeout (the config's step timeout), so a collective whose peer died raises
-instead of hanging forever.
+instead of hanging forever. When every rank is on this host and on CPU (hostname, boot id
+and pid namespace agree), `group.shm_all_reduce(max_bytes)` (ModelRunner calls it once it
+knows the model's sizes) sets up the shared-memory all-reduce of `shm_allreduce.py`; it is
+closed by `destroy()`.
 
 Rendezvous (how joiners find rank 0's store):
 - `config.distributed_init_method = "tcp://HOST:PORT"`: rank 0 binds PORT, the others
@@ -47,6 +50,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from services.executor.shm_allreduce import ShmAllReduce, all_on_one_host
 from shared.config import ConfigError, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,9 @@ class TPGroup:
     device: torch.device  # this rank's device: cuda:{rank % device_count}, or cpu
     nonce: str  # identifies this incarnation of the group
     group: dist.ProcessGroup | None = None  # the default group (None once destroyed)
+    same_host: bool = False  # every rank on this host, on CPU (gloo): shared memory possible
+    timeout_s: float = 0.0  # the group's timeout
+    _shm: ShmAllReduce | None = field(default=None, repr=False)
     _store: dist.Store | None = field(default=None, repr=False)
     _refresher: _KeyRefresher | None = field(default=None, repr=False)
 
@@ -90,11 +97,25 @@ class TPGroup:
         if self._refresher is not None:
             self._refresher.stop()
             self._refresher = None
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         if self.group is not None:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.group = None
         self._store = None
+
+    def shm_all_reduce(self, max_bytes: int) -> ShmAllReduce | None:
+        """Collective (every rank, same `max_bytes`): the shared-memory all-reduce for
+        tensors up to max_bytes (one per group: a second call replaces the first), or None
+        when the ranks are not all on one CPU host or the segment cannot be made."""
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        if self.same_host:
+            self._shm = ShmAllReduce.create(self.rank, self.size, max_bytes, timeout_s=self.timeout_s)
+        return self._shm
 
 
 def tp_backend(config: EngineConfig, device: torch.device) -> str:
@@ -153,8 +174,28 @@ def form_tp_group(
         if refresher is not None:
             refresher.stop()
         raise
-    log.info("tensor-parallel group formed: rank %d of %d, %s on %s", tp_rank, size, backend, device)
-    return TPGroup(tp_rank, size, backend, device, nonce, dist.group.WORLD, store, refresher)
+    # Same host: the shared-memory all-reduce is possible (ModelRunner sizes it).
+    same_host = backend == "gloo" and device.type == "cpu" and all_on_one_host()
+    log.info(
+        "tensor-parallel group formed: rank %d of %d, %s on %s%s",
+        tp_rank,
+        size,
+        backend,
+        device,
+        ", all on this host" if same_host else "",
+    )
+    return TPGroup(
+        tp_rank,
+        size,
+        backend,
+        device,
+        nonce,
+        dist.group.WORLD,
+        same_host,
+        timeout.total_seconds(),
+        _store=store,
+        _refresher=refresher,
+    )
 
 
 def _parse_init_method(init_method: str | None) -> tuple[str, int]:

@@ -52,6 +52,7 @@ from services.executor.models.model_config import ModelArgs, resolve_dtype
 from services.executor.models.parallel import TPInfo, all_reduce, broadcast_from_first
 from services.executor.models.registry import get_model_class
 from services.executor.sampler import Sampler, make_generator
+from services.executor.shm_allreduce import ShmAllReduce
 from shared.config import ConfigError, EngineConfig
 from shared.protocol import StepPlan, StepResult
 from shared.stop import check_stop
@@ -102,6 +103,7 @@ class ModelRunner:
             tp_rank=tp_rank,
             tp_size=config.tensor_parallel_size,
             tp_group=None if tp_group is None else tp_group.group,
+            tp_shm=self._shm_all_reduce(tp_group, args.hidden_size),
         ).eval()
         self.tp: TPInfo = self.model.tp  # its stats count the time spent in collectives
         if resolved.load_format == "dummy":
@@ -218,8 +220,13 @@ class ModelRunner:
         for request, token_id in zip(requests, token_ids, strict=True):
             request.append_token(token_id)
             # The one place a token-level finish is decided (the scheduler applies it).
-            reason = check_stop(request.sampling.output_token_ids, request.num_prompt_tokens,
-                                request.sampling.params, self.eos_token_ids, self.max_model_len)
+            reason = check_stop(
+                request.sampling.output_token_ids,
+                request.num_prompt_tokens,
+                request.sampling.params,
+                self.eos_token_ids,
+                self.max_model_len,
+            )
             finish_reasons.append(0 if reason is None else int(reason))
         return StepResult(
             step_id=step_id,
@@ -244,6 +251,14 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ profiling
     @torch.inference_mode()
+    def _shm_all_reduce(self, tp_group: TPGroup | None, hidden_size: int) -> ShmAllReduce | None:
+        """Ranks on one host all-reduce through shared memory, sized for the largest
+        activation: a full token budget of hidden states (larger ones fall back to gloo)."""
+        if tp_group is None:
+            return None
+        max_bytes = self.max_num_batched_tokens * hidden_size * self.dtype.itemsize
+        return tp_group.shm_all_reduce(max_bytes)
+
     def _profile_run(self, spec: KVCacheSpec) -> int:
         """A worst-case step (max_num_batched_tokens tokens, logits for max_num_seqs rows)
         on a temporary KV cache just big enough; returns that cache's size in bytes."""

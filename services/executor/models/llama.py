@@ -29,6 +29,7 @@ from services.executor.models.model_config import ModelArgs
 from services.executor.models.norm import RMSNorm
 from services.executor.models.parallel import TPInfo
 from services.executor.models.rotary import RotaryEmbedding
+from services.executor.shm_allreduce import ShmAllReduce
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -201,11 +202,12 @@ class LlamaForCausalLM(nn.Module):
         tp_rank: int = 0,
         tp_size: int = 1,
         tp_group: torch.distributed.ProcessGroup | None = None,
+        tp_shm: ShmAllReduce | None = None,
     ) -> None:
         super().__init__()
         device = torch.device(device)
         self.args = ModelArgs.from_hf(hf_config, self.architecture)
-        self.tp = TPInfo(tp_rank, tp_size, tp_group)
+        self.tp = TPInfo(tp_rank, tp_size, tp_group, shm=tp_shm)
         self.dtype = dtype
         self.device = device
         self.attn_backend = attn_backend

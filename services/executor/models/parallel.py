@@ -3,6 +3,10 @@
 Every layer takes its rank and the group size explicitly. Collectives go through
 torch.distributed only when tp_size > 1, so a single-rank model never touches it.
 
+All-reduces of CPU tensors go through shared memory (`shm_allreduce.py`) when the group's
+ranks share one host and the tensor is within its size range (TPInfo.shm set); everything
+else (small tensors, gather, broadcast, other hosts, CUDA) goes through torch.distributed.
+
 Each collective adds its wall time to `tp.stats` (two perf_counter calls: cheap next to a
 collective). On CPU (gloo) that is the time spent communicating plus waiting for the slowest
 peer; on CUDA (nccl, asynchronous) it is only the launch time.
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from services.executor.shm_allreduce import ShmAllReduce
 
 
 @dataclass
@@ -38,6 +44,7 @@ class TPInfo:
     size: int = 1
     group: dist.ProcessGroup | None = None  # None: the default (world) group
     stats: CommStats = field(default_factory=CommStats, compare=False)
+    shm: ShmAllReduce | None = field(default=None, compare=False)  # same-host all-reduce
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -55,7 +62,10 @@ def all_reduce(x: torch.Tensor, tp: TPInfo) -> torch.Tensor:
     if tp.size == 1:
         return x
     start = time.perf_counter()
-    dist.all_reduce(x, group=tp.group)
+    if tp.shm is not None and tp.shm.supports(x):
+        tp.shm.all_reduce(x)
+    else:
+        dist.all_reduce(x, group=tp.group)
     tp.stats.add(start)
     return x
 
