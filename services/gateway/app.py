@@ -1,6 +1,6 @@
 """The FastAPI app: routes, auth, lifecycle.
 
-/v1/models  /v1/completions  /v1/chat/completions   (Bearer key when --api-key is set)
+/v1/models  /v1/completions  /v1/chat/completions  /v1/responses   (Bearer key when --api-key is set)
 /tokenize  /detokenize  /health  /version  /metrics  (always open)
 """
 
@@ -38,6 +38,7 @@ from services.gateway.openai_protocol import (
     TokenizeRequest,
 )
 from services.gateway.requests import check_model
+from services.gateway.responses import ResponsesRequest, create_response
 from services.gateway.sampling import check_token_ids
 from services.gateway.state import GatewaySettings, GatewayState
 from services.gateway.tokenizer import load_gateway_tokenizer
@@ -122,6 +123,10 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(state, req, raw)
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, raw: Request) -> Response:
+        return await create_response(state, req, raw)
 
     def model_card(max_model_len: int | None) -> dict:
         return {
