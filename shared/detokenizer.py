@@ -14,6 +14,13 @@ over byte tokens): nothing is emitted until a later token completes it. The wind
 starts with the last few prompt tokens so that tokenizers which strip a leading space
 (SentencePiece) render the first output token as they would mid-sentence.
 
+With a fast (Rust) tokenizer the window lives in Rust instead: `tokenizers.DecodeStream`
+(tokenizers >= 0.21, what vLLM v1 uses) runs the same prefix/read-offset algorithm per
+token, primed with the same prompt context. We mirror its offsets here, so `flush()` and
+the Python window path (slow tokenizers, a tokenizer that cleans up spaces, or a stream
+that raised, e.g. on a prefix that does not re-decode to itself) can take over at any
+token.
+
 Stop strings: text that could still turn into a stop string (a suffix that is a prefix
 of some stop string) is held back; once a stop string appears, the text is cut before it
 (or after it, with include_stop_str_in_output) and the detokenizer reports the hit.
@@ -22,6 +29,11 @@ of some stop string) is held back; once a stop string appears, the text is cut b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - tokenizers < 0.21
+    DecodeStream = None
 
 # Prompt tokens used as left context for the first output tokens (vLLM uses 5 + 1).
 _CONTEXT_TOKENS = 6
@@ -40,6 +52,15 @@ def make_decode_fn(tokenizer) -> Callable[[Sequence[int], bool], str]:
     return lambda ids, skip: tokenizer.decode(list(ids), skip_special_tokens=skip)
 
 
+def stream_backend(tokenizer):
+    """The Rust `tokenizers.Tokenizer` to drive a DecodeStream with, or None (slow tokenizer,
+    or one whose Python decode cleans up spaces, which the Rust decoder would not do)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if DecodeStream is None or backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return backend
+
+
 class IncrementalDetokenizer:
     """Turns one sequence's output token ids into text, a chunk at a time."""
 
@@ -51,6 +72,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         decode_fn: Callable[[Sequence[int], bool], str] | None = None,
+        use_decode_stream: bool = True,
     ) -> None:
         self._decode = decode_fn or make_decode_fn(tokenizer)
         self._skip = skip_special_tokens
@@ -66,6 +88,17 @@ class IncrementalDetokenizer:
         self._emitted = 0  # chars of _text already returned to the caller
         self._end: int | None = None  # where the output text ends after a stop-string hit
         self.stop_str: str | None = None  # the stop string that was hit
+        self._backend = stream_backend(tokenizer) if use_decode_stream else None
+        self._stream = None
+        # NOTE: a context that decodes to U+FFFD (a prompt cut inside a character) would make
+        # the stream emit the prompt's broken bytes as output text; such a rare sequence
+        # takes the Python window instead.
+        if self._backend is not None and _REPLACEMENT not in self._decode(context, skip_special_tokens):
+            self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def uses_decode_stream(self) -> bool:
+        return self._stream is not None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -88,7 +121,7 @@ class IncrementalDetokenizer:
         old_len = len(self._text)
         for tid in token_ids:
             self._tokens.append(tid)
-            self._text += self._decode_window()
+            self._text += self._step(tid)
         if self._stop:
             hit = self._find_stop(old_len)
             if hit is not None:
@@ -115,6 +148,20 @@ class IncrementalDetokenizer:
         return self._take(len(self._text))
 
     # ------------------------------------------------------------------ internals
+    def _step(self, tid: int) -> str:
+        if self._stream is None:
+            return self._decode_window()
+        try:
+            out = self._stream.step(self._backend, tid)
+        except Exception:  # "Invalid prefix encountered" and the like: Python from here on
+            self._stream = None
+            return self._decode_window()
+        if not out:
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._tokens)
+        return out
+
     def _decode_window(self) -> str:
         prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset], self._skip)
         full = self._decode(self._tokens[self._prefix_offset :], self._skip)

@@ -157,3 +157,72 @@ def test_output_token_ids_exclude_prompt_context(tok):
     out = tok.encode(" and output", add_special_tokens=False)
     d.add(out)
     assert d.output_token_ids == out
+
+
+# ---------------------------------------------------------------- DecodeStream vs the window
+TRICKY = [
+    *TEXTS,
+    "   leading spaces, trailing spaces   ",
+    "emoji split: 🧑🏽‍🚀🏳️‍🌈 and byte soup é́ ǅ ﬁ ⅷ",
+    "tabs\tand\u00a0nbsp and zero\u200bwidth, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚𝟛",
+]
+
+
+def both_paths(tok, ids, prompt=(), chunk=1, **kw):
+    """(chunks via DecodeStream, chunks via the Python window) for the same feed."""
+    out = []
+    for use in (True, False):
+        d = IncrementalDetokenizer(tok, list(prompt), use_decode_stream=use, **kw)
+        if "\ufffd" not in tok.decode(list(prompt)[-6:]):  # else the stream is not used
+            assert d.uses_decode_stream == use
+        chunks = [d.add(ids[i : i + chunk])[0] for i in range(0, len(ids), chunk)]
+        chunks.append(d.flush())
+        out.append((chunks, d.text, d.stop_str))
+    return out
+
+
+def test_smollm2_tokenizer_uses_decode_stream(tok):
+    assert IncrementalDetokenizer(tok, []).uses_decode_stream
+
+
+@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_decode_stream_equals_window(tok, text, chunk):
+    ids = tok.encode(text, add_special_tokens=False)
+    prompt = tok.encode("Prompt ending in an emoji 🙂", add_special_tokens=False)
+    stream, window = both_paths(tok, ids, prompt, chunk)
+    assert stream == window
+    assert stream[1] == tok.decode(ids)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_decode_stream_special_tokens(tok, skip):
+    special = [tok.bos_token_id, tok.eos_token_id]
+    ids = special[:1] + tok.encode(" Hi 🙂 there", add_special_tokens=False) + special
+    ids += tok.encode("after", add_special_tokens=False)
+    stream, window = both_paths(tok, ids, skip_special_tokens=skip)
+    assert stream == window
+    assert stream[1] == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_decode_stream_stop_strings_and_cut_utf8(tok):
+    ids = tok.encode("Smile 🙂 then the end of 日本", add_special_tokens=False)
+    stream, window = both_paths(tok, ids, stop=["the end", "nope"])
+    assert stream == window and stream[2] == "the end"
+    cut = tok.encode("done 日本", add_special_tokens=False)[:-1]  # inside the last character
+    stream, window = both_paths(tok, cut)
+    assert stream == window and stream[1] == tok.decode(cut)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ids=st.lists(st.integers(0, 49151), min_size=1, max_size=30),
+    prompt=st.lists(st.integers(0, 49151), max_size=8),
+    skip=st.booleans(),
+)
+def test_property_decode_stream_equals_window_on_any_ids(tok, ids, prompt, skip):
+    """Arbitrary ids (lone bytes, specials): the same text either way, even where the stream
+    gives up on a prefix and the window path takes over."""
+    stream, window = both_paths(tok, ids, prompt, skip_special_tokens=skip)
+    assert "".join(stream[0]) == "".join(window[0])
+    assert stream[1] == window[1]
