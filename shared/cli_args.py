@@ -53,6 +53,7 @@ ENGINE_FIELDS = (
     "cuda_graph_sizes",
     "download_dir",
     "skip_tokenizer_init",
+    "generation_config",
 )
 
 
@@ -69,6 +70,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument("--device", choices=DEVICES, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument(
+        "--generation-config",
+        default=None,
+        metavar="auto|vllm|FOLDER",
+        help="sampling defaults from the model's generation_config.json (auto), none (vllm), or a folder's",
+    )
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None

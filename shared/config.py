@@ -50,6 +50,9 @@ class EngineConfig:
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8k
     download_dir: str | None = None  # cache for converted GGUF models
     skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings)
+    # Sampling defaults: "auto" = the model folder's generation_config.json, "vllm" = none,
+    # else a folder with a generation_config.json (vLLM's --generation-config).
+    generation_config: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -31,6 +31,8 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     logprobs: int | None = None  # top-n logprobs of each sampled token (0: only the sampled one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # {token id: bias} added to the logits before penalties and sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = {}
 
     def __post_init__(self) -> None:
         err = self.validate()
@@ -63,6 +65,9 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
             return "min_tokens", "min_tokens must be less than or equal to max_tokens."
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             return "logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}."
+        bad = next((v for v in self.logit_bias.values() if not -100 <= v <= 100), None)
+        if bad is not None:
+            return "logit_bias", f"logit_bias values must be in [-100, 100], got {bad}."
         return None
 
     @property

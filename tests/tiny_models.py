@@ -93,3 +93,16 @@ def make_tiny_model(arch: str, out_dir: Path, *, seed: int = 0, init_std: float 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+def write_generation_config(model_dir: Path, **fields) -> Path:
+    """Merge `fields` (e.g. temperature=0.0, max_new_tokens=4) into model_dir's
+    generation_config.json (created if absent); returns model_dir."""
+    import json
+
+    path = Path(model_dir) / "generation_config.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return Path(model_dir)

@@ -19,6 +19,7 @@ from services.executor.loader import load_tokenizer
 from services.scheduler.request import Request
 from shared.config import EngineConfig
 from shared.detokenizer import IncrementalDetokenizer
+from shared.generation_defaults import sampling_defaults
 from shared.protocol import FinishReason
 from shared.sampling_params import SamplingParams
 
@@ -42,12 +43,19 @@ class LLM:
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(self.config.tokenizer or self.engine.resolved.path)
+        # The model's generation_config.json sampling defaults (unless generation_config="vllm").
+        self._sampling_defaults = sampling_defaults(self.engine.resolved.path, self.config.generation_config)
         self._children: dict[str, _Child] = {}
         self._parents: dict[str, list[str]] = {}
         self._ids = itertools.count()
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's): what
+        `generate`/`chat`/`add_request` use when given no sampling params."""
+        return SamplingParams(**self._sampling_defaults)
 
     def shutdown(self) -> None:
         """Stop tensor-parallel worker processes (also done when the LLM is collected or the
@@ -57,7 +65,7 @@ class LLM:
     # ------------------------------------------------------------------ step-level API
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a prompt (text or token ids). Raises ValueError for a prompt that cannot be served."""
-        params = params or SamplingParams()
+        params = params or self.get_default_sampling_params()
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -74,6 +82,9 @@ class LLM:
             # Checked here: on a GPU an out-of-range id reaches the embedding as a device-side
             # assert, which takes the whole CUDA context down with it.
             raise ValueError(f"Token id {bad} is out of vocabulary (the model has {vocab} tokens).")
+        bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is out of vocabulary (vocab {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
         parent = RequestOutput(request_id, text, token_ids, outputs=[])
@@ -163,7 +174,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as token ids
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
@@ -192,12 +203,20 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("skip_tokenizer_init=True: chat needs a tokenizer")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            list(self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True))
-            for c in convs
-        ]
+        prompts = [self.render_chat(c) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def render_chat(self, conversation: list[dict]) -> list[int]:
+        """Prompt ids of one conversation, as the gateway makes them (services/gateway/chat.py):
+        the template's text, encoded without adding special tokens (the template writes them).
+
+        NOTE: not `apply_chat_template(tokenize=True)`: in transformers 5 that returns a
+        BatchEncoding, not a list of ids."""
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:

@@ -2,7 +2,7 @@
 
 Per step, for the rows that need it (vLLM's semantics):
 
-    logits ─▶ min_tokens mask ─▶ penalties ─▶ (processed logits: logprobs come from here)
+    logits ─▶ min_tokens mask ─▶ logit_bias ─▶ penalties ─▶ (processed logits: logprobs come from here)
                                                    │
                     greedy rows ◀── argmax ────────┤
                                                    ▼
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.executor.sampling.penalties import apply_penalties, mask_tokens
+from services.executor.sampling.penalties import add_bias, apply_penalties, mask_tokens
 from services.executor.sampling.race import race
 from services.executor.sampling.topk_topp import NUCLEUS_WINDOWS, apply_min_p, truncate
 from shared.protocol import Logprobs
@@ -102,7 +102,7 @@ class Sampler:
         if (
             all(p.greedy for p in params)
             and not want_logprobs
-            and not any(has_penalties(p) for p in params)
+            and not any(has_penalties(p) or p.logit_bias for p in params)
             and not any(self._suppresses_stop(s) for s in states)
         ):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
@@ -121,7 +121,11 @@ class Sampler:
         return len(s.output_token_ids) < s.params.min_tokens
 
     def process_logits(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-        """min_tokens mask, then penalties: the logits that logprobs and greedy use.
+        """min_tokens mask, then logit_bias, then penalties: the logits that logprobs and greedy use.
+
+        As vLLM v1, the bias is a logits processor that runs before penalties and before
+        temperature, top-k/top-p and min-p, so it moves greedy choices too; all biased
+        (row, token) pairs of the batch are added in one scatter-add.
 
         Returns `logits` itself when there is nothing to do, else a float32 copy (the
         caller's tensor is never modified).
@@ -138,12 +142,22 @@ class Sampler:
                 ids = [t for t in banned if 0 <= t < vocab]
                 mask_rows += [i] * len(ids)
                 mask_cols += ids
+        bias_rows: list[int] = []
+        bias_cols: list[int] = []
+        bias_vals: list[float] = []
+        for i, s in enumerate(states):
+            for t, v in s.params.logit_bias.items():
+                if 0 <= t < vocab:  # the gateway and LLM reject others; never index past the row
+                    bias_rows.append(i)
+                    bias_cols.append(t)
+                    bias_vals.append(v)
         pen_rows = [i for i, s in enumerate(states) if has_penalties(s.params)]
-        if not mask_rows and not pen_rows:
+        if not mask_rows and not pen_rows and not bias_rows:
             return logits
 
         out = logits.to(dtype=torch.float32, copy=True)
         mask_tokens(out, mask_rows, mask_cols)
+        add_bias(out, bias_rows, bias_cols, bias_vals)
         if pen_rows:
             rows = [states[i] for i in pen_rows]
             apply_penalties(

@@ -6,7 +6,7 @@ from services.gateway.errors import BadRequestError
 from services.gateway.openai_protocol import ChatMessage
 
 
-def _content_text(msg: ChatMessage, i: int) -> str:
+def content_text(msg: ChatMessage, i: int) -> str:
     content = msg.content
     if content is None:
         return ""
@@ -30,7 +30,7 @@ def to_conversation(messages: list[ChatMessage]) -> list[dict]:
     for i, m in enumerate(messages):
         d = {k: v for k, v in (m.model_extra or {}).items()}  # tool_calls, tool_call_id, ...
         d["role"] = m.role
-        d["content"] = _content_text(m, i)
+        d["content"] = content_text(m, i)
         if m.name is not None:
             d["name"] = m.name
         conv.append(d)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from services.gateway.chat import render_chat
+from services.gateway.chat import content_text, render_chat
 from services.gateway.generation import Generation, stream_usage_flags
 from services.gateway.openai_protocol import ChatCompletionRequest
 from services.gateway.requests import check_model, require_engine
@@ -26,7 +26,7 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
     check_model(state, req.model)
     check_openai_ranges(req)
     top_k = (req.top_logprobs or 0) if req.logprobs else None
-    params = build_params(req, top_k)
+    params = build_params(req, top_k, state.vocab_size, state.sampling_defaults)
     prompt = render_chat(
         state.tokenizer,
         req.messages,
@@ -36,7 +36,10 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
         chat_template_kwargs=req.chat_template_kwargs,
     )
     max_model_len = await require_engine(state)
-    max_tokens = [resolve_max_tokens(requested_max_tokens(req), len(prompt), max_model_len, "messages")]
+    default = state.sampling_defaults.get("max_tokens")
+    max_tokens = [
+        resolve_max_tokens(requested_max_tokens(req), len(prompt), max_model_len, "messages", default)
+    ]
     gen = Generation(
         state,
         f"chatcmpl-{uuid.uuid4().hex}",
@@ -45,20 +48,33 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
         max_tokens,
         raw.headers.get("traceparent", ""),
     )
+    echo = echo_text(req)
     await gen.start()
     if req.stream:
         include_usage, continuous_usage = stream_usage_flags(req.stream_options)
-        return stream_response(gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage))
-    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k))
+        return stream_response(
+            gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage, echo)
+        )
+    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k, echo))
 
 
-async def _full(state: GatewayState, gen: Generation, top_k: int | None) -> Response:
+def echo_text(req: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's content when its role is the reply's role
+    ("assistant" with a generation prompt, else the last message's own role), else ""."""
+    if not req.echo or not req.messages:
+        return ""
+    last = req.messages[-1]
+    role = "assistant" if req.add_generation_prompt else last.role
+    return content_text(last, len(req.messages) - 1) if last.role == role else ""
+
+
+async def _full(state: GatewayState, gen: Generation, top_k: int | None, echo: str) -> Response:
     while not gen.done:
         await gen.next_update()
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": {"role": "assistant", "content": echo + c.text},
             "logprobs": None if top_k is None else {"content": state.logprobs.chat(c.logprobs, top_k)},
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
@@ -77,7 +93,12 @@ async def _full(state: GatewayState, gen: Generation, top_k: int | None) -> Resp
 
 
 async def _stream(
-    state: GatewayState, gen: Generation, top_k: int | None, include_usage: bool, continuous_usage: bool
+    state: GatewayState,
+    gen: Generation,
+    top_k: int | None,
+    include_usage: bool,
+    continuous_usage: bool,
+    echo: str,
 ) -> AsyncIterator[bytes]:
     head = {
         "id": gen.request_id,
@@ -96,6 +117,8 @@ async def _stream(
 
     # The role comes first, in a chunk of its own (as OpenAI and vLLM send it).
     yield b"".join(chunk(c.index, {"role": "assistant", "content": ""}) for c in gen.choices)
+    if echo:  # as vLLM: the echoed content in a chunk of its own per choice
+        yield b"".join(chunk(c.index, {"content": echo}) for c in gen.choices)
     buf: list[bytes] = []
     while not gen.done:
         u = await gen.next_update()

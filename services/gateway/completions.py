@@ -48,11 +48,12 @@ def _prompts(state: GatewayState, prompt) -> tuple[list[list[int]], list[str | N
 async def create_completion(state: GatewayState, req: CompletionRequest, raw: Request) -> Response:
     check_model(state, req.model)
     check_openai_ranges(req)
-    params = build_params(req, req.logprobs)
+    params = build_params(req, req.logprobs, state.vocab_size, state.sampling_defaults)
     prompts, texts = _prompts(state, req.prompt)
     max_model_len = await require_engine(state)
     requested = requested_max_tokens(req)
-    max_tokens = [resolve_max_tokens(requested, len(p), max_model_len, "prompt") for p in prompts]
+    default = state.sampling_defaults.get("max_tokens")
+    max_tokens = [resolve_max_tokens(requested, len(p), max_model_len, "prompt", default) for p in prompts]
     gen = Generation(
         state, f"cmpl-{uuid.uuid4().hex}", prompts, params, max_tokens, raw.headers.get("traceparent", "")
     )

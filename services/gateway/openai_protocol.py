@@ -85,6 +85,8 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM: prepend the last message's content to the reply when its role is the reply's.
+    echo: bool = False
 
 
 class TokenizeRequest(_Base):

@@ -30,9 +30,16 @@ def check_openai_ranges(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise BadRequestError(f"max_tokens must be at least 1, got {req.max_tokens}.", "max_tokens")
     if req.seed is not None and not _INT64_MIN <= req.seed <= _INT64_MAX:
         raise BadRequestError("seed must fit in a signed 64-bit integer.", "seed")
-    if req.logit_bias:
-        raise BadRequestError("logit_bias is not supported.", "logit_bias")
     if isinstance(req, ChatCompletionRequest):
+        # Until tool calling exists, doing plain text instead would be a silent wrong answer.
+        if req.tools:
+            raise BadRequestError(
+                "tool calling is not supported yet: `tools` must be empty or absent.", "tools"
+            )
+        if req.tool_choice not in (None, "none"):
+            raise BadRequestError(
+                'tool calling is not supported yet: `tool_choice` must be "none" or absent.', "tool_choice"
+            )
         if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
             raise BadRequestError(
                 f"max_completion_tokens must be at least 1, got {req.max_completion_tokens}.",
@@ -51,7 +58,8 @@ def check_openai_ranges(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise BadRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {req.logprobs}.", "logprobs")
         if req.suffix:
-            raise BadRequestError("suffix is not supported.", "suffix")
+            # As vLLM: no fill-in-the-middle templates, so a suffix cannot be honoured.
+            raise BadRequestError("suffix is not currently supported.", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise BadRequestError("best_of is not supported (it must equal n).", "best_of")
 
@@ -62,8 +70,11 @@ def requested_max_tokens(req: CompletionRequest | ChatCompletionRequest) -> int 
     return req.max_tokens
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
-    """max_tokens for one prompt; a request that cannot fit the context is rejected (vLLM's words)."""
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, param: str, default: int | None = None
+) -> int:
+    """max_tokens for one prompt; a request that cannot fit the context is rejected (vLLM's words).
+    Unset, it is the rest of the context, capped by the model's `default` (max_new_tokens) as vLLM."""
     if prompt_len >= max_model_len:
         raise BadRequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, your request "
@@ -71,7 +82,8 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             param,
         )
     if requested is None:
-        return max_model_len - prompt_len
+        rest = max_model_len - prompt_len
+        return rest if default is None else min(rest, default)
     if prompt_len + requested > max_model_len:
         raise BadRequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -82,8 +94,42 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     return requested
 
 
-def build_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> SamplingParams:
-    """SamplingParams (n kept; max_tokens filled in per prompt later)."""
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+
+
+def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's `{"token id": bias}` → `{id: bias}`: ids in the vocabulary, biases in [-100, 100]."""
+    if not bias:
+        return {}
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise BadRequestError(
+            f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(bias)}.", "logit_bias"
+        )
+    out = {}
+    for key, value in bias.items():
+        try:
+            t = int(key)
+        except ValueError:
+            raise BadRequestError(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
+        if not 0 <= t < vocab_size:
+            raise BadRequestError(
+                f"logit_bias: token id {t} is out of vocabulary (size {vocab_size}).", "logit_bias"
+            )
+        if not -100 <= value <= 100:
+            raise BadRequestError(f"logit_bias values must be in [-100, 100], got {value}.", "logit_bias")
+        out[t] = float(value)
+    return out
+
+
+def build_params(
+    req: CompletionRequest | ChatCompletionRequest,
+    logprobs: int | None,
+    vocab_size: int | None = None,
+    defaults: dict | None = None,
+) -> SamplingParams:
+    """SamplingParams (n kept; max_tokens filled in per prompt later). `vocab_size` is needed
+    only for a request with logit_bias; `defaults` (the model's generation_config.json) fill
+    the sampling fields the request leaves unset (max_tokens is resolve_max_tokens's)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     fields = {
         "n": req.n,
@@ -103,7 +149,11 @@ def build_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int |
         "logprobs": logprobs,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "logit_bias": parse_logit_bias(req.logit_bias, vocab_size or 0) if req.logit_bias else None,
     }
+    for k, v in (defaults or {}).items():
+        if k != "max_tokens" and fields.get(k) is None:
+            fields[k] = v
     kwargs = {k: v for k, v in fields.items() if v is not None or k in ("seed", "max_tokens", "logprobs")}
     try:
         return SamplingParams(**kwargs)

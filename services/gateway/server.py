@@ -94,6 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         allowed_origins=getattr(args, "allowed_origins", None) or [],
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         resume_timeout_s=getattr(args, "resume_timeout", None) or 30.0,
+        generation_config=getattr(args, "generation_config", None) or "auto",
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from services.gateway.engine_client import EngineClient
 from services.gateway.logprobs import LogprobFormatter
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.tokenizer import TokenStrings
+from services.gateway.tokenizer import TokenStrings, load_sampling_defaults
 from services.gateway.tracing import GatewayTracer
 from shared.detokenizer import make_decode_fn
 
@@ -31,6 +31,7 @@ class GatewaySettings:
     # How long a request whose engine died may wait to be resumed by another engine (or,
     # before its first token, for any engine to be alive) before it fails (s).
     resume_timeout_s: float = 30.0
+    generation_config: str = "auto"  # sampling defaults: see shared/generation_defaults.py
 
 
 @dataclass
@@ -44,8 +45,11 @@ class GatewayState:
     logprobs: LogprobFormatter = field(init=False)
     decode_fn: Callable[[Sequence[int], bool], str] = field(init=False)
     vocab_size: int = field(init=False)
+    # The model's sampling defaults for requests that leave a field unset (generation_config.json).
+    sampling_defaults: dict = field(init=False)
 
     def __post_init__(self) -> None:
+        self.sampling_defaults = load_sampling_defaults(self.settings)
         self.token_strings = TokenStrings(self.tokenizer)
         self.logprobs = LogprobFormatter(self.token_strings)
         self.decode_fn = make_decode_fn(self.tokenizer)

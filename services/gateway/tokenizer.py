@@ -27,6 +27,20 @@ def load_gateway_tokenizer(
     return load_tokenizer(resolve_model(model, load_format=fmt, download_dir=download_dir).path)
 
 
+def load_sampling_defaults(settings) -> dict:
+    """The model's generation_config.json sampling defaults (per `settings.generation_config`)."""
+    from services.executor.loader import resolve_model
+    from shared.generation_defaults import sampling_defaults
+
+    if settings.generation_config == "vllm":
+        return {}
+    folder = None
+    if settings.generation_config == "auto":
+        fmt = "gguf" if settings.load_format == "gguf" else "dummy"
+        folder = resolve_model(settings.model, load_format=fmt, download_dir=settings.download_dir).path
+    return sampling_defaults(folder, settings.generation_config)
+
+
 class TokenStrings:
     """id → text of that single token, memoized (bounded by the vocabulary)."""
 

@@ -1,4 +1,4 @@
-"""Logit processing before sampling: min_tokens masking and vLLM/HF penalties.
+"""Logit processing before sampling: min_tokens masking, logit_bias and vLLM/HF penalties.
 
 All of it runs in place on (rows, vocab) float logits, vectorized over the batch.
 Penalties touch only tokens a row has seen, so they are computed on those tokens'
@@ -21,6 +21,20 @@ def mask_tokens(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[i
         r = torch.tensor(rows, dtype=torch.long, device=logits.device)
         c = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
         logits.index_put_((r, c), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    return logits
+
+
+def add_bias(
+    logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int], biases: Sequence[float]
+) -> torch.Tensor:
+    """logits[rows[i], token_ids[i]] += biases[i] for every i, in place, in one scatter-add
+    (logit_bias; a (row, token) pair appears at most once, as the bias is a dict per row)."""
+    if rows:
+        dev = logits.device
+        r = torch.tensor(rows, dtype=torch.long, device=dev)
+        c = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        v = torch.tensor(biases, dtype=logits.dtype, device=dev)
+        logits.index_put_((r, c), v, accumulate=True)
     return logits
 
 

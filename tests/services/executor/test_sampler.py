@@ -246,6 +246,21 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert set(range(10)) - kept(got[2]) == {2, 7}
 
 
+def test_logit_bias_exact_and_before_penalties():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    states = [
+        state(logit_bias={0: 5.0, 3: -2.5}),
+        state(),  # no bias: untouched
+        # vLLM's order: bias, then the repetition penalty (prompt [0], output [1]) divides.
+        state(out=[1], logit_bias={1: 6.0, 99: 1.0}, repetition_penalty=2.0),  # 99: past the vocab
+    ]
+    got = Sampler(4, []).process_logits(logits, states)
+    assert got.tolist() == [[6.0, 2.0, 3.0, 1.5], [1.0, 2.0, 3.0, 4.0], [0.5, 4.0, 3.0, 4.0]]
+    # Greedy rows take the biased argmax (the fast path must not skip the bias).
+    greedy = [state(temperature=0.0, logit_bias={0: 100.0}), state(temperature=0.0)]
+    assert Sampler(4, [])(logits[:2], greedy).token_ids == [0, 3]
+
+
 def test_min_tokens_delays_eos_in_greedy_decoding():
     sampler = Sampler(8, [7])
     logits = torch.zeros(1, 8)
