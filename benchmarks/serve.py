@@ -8,7 +8,8 @@
 Prompts are random token ids from the tokenizer's vocabulary (special tokens excluded),
 sent as token-id prompts so their lengths are exact; every request streams a completion
 with ignore_eos so it produces exactly --output-len tokens. Prints output tokens/s, TTFT
-and ITL percentiles. With --compare-inprocess, the same prompts then run through
+and ITL percentiles (and, for a server it starts, the `folio gateway` process's CPU per
+output token, through psutil). With --compare-inprocess, the same prompts then run through
 `services.engine.LLM` in this process with the same concurrency cap, and the ratio
 server/in-process is printed (a server this script started is stopped first, so the two
 never compete for the CPU or the GPU's memory).
@@ -261,12 +262,30 @@ def serve_once(args, prompts, root: Path, redis_url: str | None) -> tuple[dict, 
     try:
         served = args.served_model or _served_model(url, args.api_key)
         before = redis_commands(redis_url) if redis_url else {}
+        cpu0 = gateway_cpu_s(proc)
         results, duration = asyncio.run(run_load(args, url, served, prompts))
+        cpu1 = gateway_cpu_s(proc)
         after = redis_commands(redis_url) if redis_url else {}
     finally:
         stop_server(proc)
     calls = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0) > 0}
-    return report(results, duration), calls
+    rep = report(results, duration)
+    if cpu0 is not None and cpu1 is not None and rep["output_tokens"]:
+        rep["gateway_cpu_us_per_token"] = (cpu1 - cpu0) / rep["output_tokens"] * 1e6
+    return rep, calls
+
+
+def gateway_cpu_s(proc: subprocess.Popen) -> float | None:
+    """User + system CPU seconds of the `folio gateway` child of a `folio serve` (psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "gateway" in child.cmdline():
+            t = child.cpu_times()
+            return t.user + t.system
+    return None
 
 
 def _served_model(url: str, api_key: str | None) -> str:
