@@ -36,7 +36,15 @@ from services.gateway.state import GatewayState
 # vLLM's sampling extensions, passed through as on the other endpoints.
 _EXTRA_SAMPLING = ("top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
 # Accepted and ignored (or echoed): they change nothing a stateless text model does.
-_IGNORED = ("metadata", "user", "service_tier", "stream_options", "parallel_tool_calls", "safety_identifier")
+_IGNORED = (
+    "metadata",
+    "user",
+    "service_tier",
+    "stream_options",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+)
 
 
 class ResponsesRequest(BaseModel):
@@ -82,7 +90,7 @@ def _check_supported(req: ResponsesRequest) -> dict[str, Any]:
     for key, value in (req.model_extra or {}).items():
         if key in _EXTRA_SAMPLING:
             extras[key] = value
-        elif key not in _IGNORED and value is not None:
+        elif key not in _IGNORED and value not in (None, [], {}):  # empty: nothing asked
             raise BadRequestError(f"{key} is not supported by /v1/responses on this server.", key)
     return extras
 

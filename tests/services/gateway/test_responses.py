@@ -80,6 +80,12 @@ def test_message_items_equal_chat_completions(client):
     assert resp.usage.input_tokens == chat.usage.prompt_tokens
     assert resp.store is False  # accepted, not stored
 
+    # Empty or neutral values of fields we do not support ask for nothing: accepted.
+    neutral = client.responses.create(
+        input=items, temperature=0, max_output_tokens=MAX, tools=[], tool_choice="auto", include=[]
+    )
+    assert neutral.output_text == resp.output_text
+
 
 def test_max_output_tokens_is_incomplete(client):
     resp = client.responses.create(input="Tell me a long story.", temperature=0, max_output_tokens=3)
