@@ -226,3 +226,31 @@ def test_property_decode_stream_equals_window_on_any_ids(tok, ids, prompt, skip)
     stream, window = both_paths(tok, ids, prompt, skip_special_tokens=skip)
     assert "".join(stream[0]) == "".join(window[0])
     assert stream[1] == window[1]
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    """A SentencePiece-style fast tokenizer (Metaspace, byte fallback), as Llama 2 and
+    Mistral have: its decoder drops the leading space of the first token decoded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "▁Hello": 2, "▁world": 3, "▁again": 4, "<0xC3>": 5, "<0xA9>": 6, "▁caf": 7}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    # Llama 2's decoder.
+    t.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", unk_token="<unk>")
+
+
+def test_decode_stream_keeps_spaces_after_the_prompt(sp_tok):
+    """The stream is primed with the prompt's last tokens, so the first output token keeps
+    its space (decoded alone it would lose it), and byte-fallback pieces join up."""
+    assert sp_tok.decode([3]) == "world"
+    ids = [3, 4, 7, 5, 6, 4]
+    stream, window = both_paths(sp_tok, ids, prompt=[1, 2])
+    assert stream == window
+    assert "".join(stream[0]) == " world again café again"
+    assert stream[0][3] == "" and stream[0][4] == "é"  # 0xC3 alone is held back
