@@ -147,10 +147,12 @@ async def create_response(state: GatewayState, req: ResponsesRequest, raw: Reque
         **extras,
     )
     check_openai_ranges(chat)
-    params = build_params(chat, None)
+    # The model's generation_config.json defaults apply as on the other endpoints.
+    params = build_params(chat, None, state.vocab_size, state.sampling_defaults)
     prompt = render_chat(state.tokenizer, chat.messages)
     max_model_len = await require_engine(state)
-    max_tokens = [resolve_max_tokens(req.max_output_tokens, len(prompt), max_model_len, "input")]
+    default = state.sampling_defaults.get("max_tokens")
+    max_tokens = [resolve_max_tokens(req.max_output_tokens, len(prompt), max_model_len, "input", default)]
     gen = Generation(
         state, f"resp_{uuid.uuid4().hex}", [prompt], params, max_tokens, raw.headers.get("traceparent", "")
     )
