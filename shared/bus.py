@@ -234,14 +234,17 @@ class Bus:
         return [n for n, a in zip(names, alive, strict=True) if a is None]
 
     async def take_over(
-        self, dead: str, consumer: str, min_idle_ms: int, count: int = 1000
+        self, dead: str, consumer: str, min_idle_ms: int, count: int = 1000,
+        exclude: frozenset[bytes] | set[bytes] = frozenset(),
     ) -> list[tuple[bytes, GenerateRequest | Malformed]]:
-        """XCLAIM a dead consumer's unfinished requests for `consumer`. min_idle_ms makes the
-        claim exclusive: a claim resets an entry's idle time, so a second engine racing for
-        the same entries right after gets none of them."""
+        """XCLAIM a dead consumer's unfinished requests for `consumer`, except the entries in
+        `exclude` (those a live consumer is serving: never claimed, never fetched). min_idle_ms
+        makes the claim exclusive: a claim resets an entry's idle time, so a second engine
+        racing for the same entries right after gets none of them."""
         pending = await self.redis.xpending_range(
-            self.keys.requests, SCHEDULER_GROUP, min="-", max="+", count=count, consumername=dead)
-        ids = [p["message_id"] for p in pending]
+            self.keys.requests, SCHEDULER_GROUP, min="-", max="+", count=count + len(exclude),
+            consumername=dead)
+        ids = [p["message_id"] for p in pending if p["message_id"] not in exclude]
         if not ids:
             return []
         claimed = await self.redis.xclaim(self.keys.requests, SCHEDULER_GROUP, consumer, min_idle_ms, ids)

@@ -303,8 +303,8 @@ class SchedulerService:
         assert sched is not None
         held = {r.stream_id for r in sched.requests.values()}
         for owner in [self.engine_id, *await self.bus.dead_consumers()]:
-            taken = await self.bus.take_over(owner, self.engine_id, TAKEOVER_MIN_IDLE_MS)
-            taken = [(msg_id, msg) for msg_id, msg in taken if msg_id not in held]
+            # Its own live requests are pending under its name too: leave those alone.
+            taken = await self.bus.take_over(owner, self.engine_id, TAKEOVER_MIN_IDLE_MS, exclude=held)
             if taken:
                 log.warning("engine %s: resuming %d request(s) of %s", self.engine_id, len(taken),
                             "its previous run" if owner == self.engine_id else f"dead engine {owner}")
