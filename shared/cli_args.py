@@ -7,6 +7,7 @@ so a vLLM command line carries over and a service can forward its flags to its c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from shared.config import (
     DISTRIBUTED_BACKENDS,
     DTYPES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     ConfigError,
     EngineConfig,
 )
@@ -54,6 +56,8 @@ ENGINE_FIELDS = (
     "download_dir",
     "skip_tokenizer_init",
     "generation_config",
+    "speculative_config",
+    "quantization",
 )
 
 
@@ -104,12 +108,38 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
         metavar="N",
         help="decode batch sizes captured in CUDA graphs (default: 1 2 4 8 16 ... up to --max-num-seqs)",
     )
+    g.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        'or \'{"model": "DRAFT", "num_speculative_tokens": 4}\'',
+    )
+    g.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="weights: gguf (a GGUF's packed tensors), int8/int4 (weight-only, at load), none (dense); "
+        "default: per model",
+    )
     g.add_argument("--download-dir", default=None)
     g.add_argument("--skip-tokenizer-init", action="store_true", default=None)
     for flag in IGNORED_FLAGS:
         g.add_argument(flag, action="store_true", default=False, help=argparse.SUPPRESS)
     for flag in IGNORED_VALUE_FLAGS:
         g.add_argument(flag, default=None, help=argparse.SUPPRESS)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def add_bus_args(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -174,6 +204,8 @@ def engine_args_to_argv(config: EngineConfig) -> list[str]:
                 argv.append(flag if value else "--no-enable-prefix-caching")
             elif value:
                 argv.append(flag)
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
         else:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from shared.speculative_config import SpeculativeConfig, SpeculativeConfigError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
+QUANTIZATIONS = ("none", "gguf", "int8", "int4", "fp8")
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,11 @@ class EngineConfig:
     # Sampling defaults: "auto" = the model folder's generation_config.json, "vllm" = none,
     # else a folder with a generation_config.json (vLLM's --generation-config).
     generation_config: str = "auto"
+    # vLLM's --speculative-config (a dict or its JSON); parsed by `speculative()`.
+    speculative_config: dict | None = None
+    # Weights: None picks per model (a GGUF's own quantized tensors where faster), "none"
+    # dense float, "gguf" a GGUF's packed tensors, "int8"/"int4" weight-only at load time.
+    quantization: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +107,21 @@ class EngineConfig:
             f"must look like tcp://HOST:PORT, got {self.distributed_init_method!r}",
         )
         check(self.step_timeout is None or self.step_timeout > 0, "step_timeout", "must be > 0 seconds")
+        check(
+            self.quantization is None or self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+        )
+        if self.speculative_config is not None:
+            try:
+                spec = SpeculativeConfig.parse(self.speculative_config)
+            except SpeculativeConfigError as e:
+                raise ConfigError(f"speculative_config: {e}") from None
+            check(
+                not (spec.uses_draft_model and self.tensor_parallel_size > 1),
+                "speculative_config",
+                "a draft model runs at tensor_parallel_size 1 only (n-gram works at any size)",
+            )
         if self.cuda_graph_sizes is not None:
             sizes = self.cuda_graph_sizes
             check(
@@ -114,6 +137,12 @@ class EngineConfig:
     def model_name(self) -> str:
         """The name clients use in `model` (vLLM: --served-model-name, else the model argument)."""
         return self.served_model_name or self.model
+
+    def speculative(self) -> SpeculativeConfig | None:
+        """The validated speculative decoding config, or None without speculation."""
+        if self.speculative_config is None:
+            return None
+        return SpeculativeConfig.parse(self.speculative_config)
 
     def resolved_max_num_batched_tokens(self, on_gpu: bool) -> int:
         if self.max_num_batched_tokens is not None:

@@ -47,10 +47,10 @@ from services.executor.cuda_graphs import DecodeGraphs, graph_sizes
 from services.executor.distributed import TPGroup
 from services.executor.input_batch import InputBatch, ModelInputs
 from services.executor.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
-from services.executor.loader import ResolvedModel, iter_weights, resolve_model
+from services.executor.loader import ResolvedModel, resolve_model
+from services.executor.models.build import build_model
 from services.executor.models.model_config import ModelArgs, resolve_dtype
 from services.executor.models.parallel import TPInfo, all_reduce, broadcast_from_first
-from services.executor.models.registry import get_model_class
 from services.executor.sampler import Sampler, make_generator
 from services.executor.shm_allreduce import ShmAllReduce
 from shared.config import ConfigError, EngineConfig
@@ -94,8 +94,9 @@ class ModelRunner:
         self.max_num_batched_tokens = config.resolved_max_num_batched_tokens(self.device.type == "cuda")
 
         self.attn_backend = get_attention_backend(config.attention_backend, self.device)
-        self.model = get_model_class(resolved.architecture)(
-            self.hf_config,
+        self.model = build_model(
+            config,
+            resolved,
             max_model_len=self.max_model_len,
             attn_backend=self.attn_backend,
             dtype=self.dtype,
@@ -104,12 +105,8 @@ class ModelRunner:
             tp_size=config.tensor_parallel_size,
             tp_group=None if tp_group is None else tp_group.group,
             tp_shm=self._shm_all_reduce(tp_group, args.hidden_size),
-        ).eval()
+        )
         self.tp: TPInfo = self.model.tp  # its stats count the time spent in collectives
-        if resolved.load_format == "dummy":
-            self.model.init_dummy_weights(config.seed)
-        else:
-            self.model.load_weights(iter_weights(resolved.path))
 
         spec = KVCacheSpec(
             num_layers=args.num_layers,

@@ -1,0 +1,45 @@
+"""Build a model for a resolved checkpoint: construct it for this rank, then fill its weights.
+
+One place for it, used by the target model runner and by a speculative draft model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.executor.attention.backend import AttentionBackend
+from services.executor.loader import ResolvedModel, iter_weights
+from services.executor.models.registry import get_model_class
+from services.executor.shm_allreduce import ShmAllReduce
+from shared.config import EngineConfig
+
+
+def build_model(
+    config: EngineConfig,
+    resolved: ResolvedModel,
+    *,
+    max_model_len: int,
+    attn_backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: object | None = None,
+    tp_shm: ShmAllReduce | None = None,
+) -> torch.nn.Module:
+    model = get_model_class(resolved.architecture)(
+        resolved.hf_config,
+        max_model_len=max_model_len,
+        attn_backend=attn_backend,
+        dtype=dtype,
+        device=device,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        tp_group=tp_group,
+        tp_shm=tp_shm,
+    ).eval()
+    if resolved.load_format == "dummy":
+        model.init_dummy_weights(config.seed)
+    else:
+        model.load_weights(iter_weights(resolved.path))
+    return model
