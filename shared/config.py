@@ -144,6 +144,11 @@ class EngineConfig:
             return None
         return SpeculativeConfig.parse(self.speculative_config)
 
+    def num_lookahead_slots(self) -> int:
+        """KV slots a scheduler reserves past each step's tokens for a draft model."""
+        spec = self.speculative()
+        return 0 if spec is None else spec.num_lookahead_slots
+
     def resolved_max_num_batched_tokens(self, on_gpu: bool) -> int:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens

@@ -77,7 +77,12 @@ class StepPlan(_Msg):
     `num_scheduled_tokens[req_id]` tokens starting at that request's
     `num_computed_tokens` are computed this step. A request samples a token when the
     step reaches the end of its known tokens (prompt + output so far); a mid-prompt
-    chunk samples nothing. `num_draft_tokens` is reserved for speculative decoding.
+    chunk samples nothing.
+
+    Speculative decoding: `scheduled_spec_tokens[req_id]` are draft tokens appended after
+    the request's known tokens and counted in its `num_scheduled_tokens`; the executor
+    scores the pending token and every draft in this one forward and keeps the accepted
+    ones (the scheduler rolls `num_computed_tokens` back over the rest).
     """
 
     step_id: int
@@ -87,6 +92,7 @@ class StepPlan(_Msg):
     finished_req_ids: list[str] = []  # finished, aborted or preempted since last step: free state
     total_num_scheduled_tokens: int = 0
     shutdown: bool = False
+    scheduled_spec_tokens: dict[str, list[int]] = {}
 
 
 class Logprobs(_Msg):
@@ -110,6 +116,10 @@ class StepResult(_Msg):
     logprobs: list[list[Logprobs]] = []  # parallel to sampled_token_ids where asked; else []
     finish_reasons: list[int] = []  # parallel to req_ids: 0 still running, else FinishReason
     error: str = ""  # a failed step: the scheduler aborts the step's requests with this message
+    # Speculative decoding, parallel to req_ids: drafts the executor proposes for each
+    # request's next step, and how many of this step's drafts it accepted.
+    draft_token_ids: list[list[int]] = []
+    num_accepted: list[int] = []
 
 
 class StepHeader(_Msg):

@@ -56,6 +56,7 @@ class EngineCore:
             max_num_batched_tokens=config.resolved_max_num_batched_tokens(on_gpu),
             max_model_len=self.runner.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
+            num_lookahead_slots=config.num_lookahead_slots(),
         )
         self.num_steps = 0
 

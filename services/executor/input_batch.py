@@ -9,12 +9,18 @@ into one unpadded batch:
     slot_mapping  block_ids[pos // block_size] * block_size + pos % block_size
     logits rows   a3 (a samples), b7 (b samples); c is mid-prompt and samples nothing
 
+A request with drafts (speculative decoding) computes its pending token and the drafts,
+and every one of those positions is a logits row:
+
+    req:          b (decode + drafts d8 d9)
+    input_ids     b7 d8 d9       logits rows b7 d8 d9 (verification scores all three)
+
 All index arrays are built with numpy and moved to the device once per field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +39,9 @@ class RequestState:
     sampling: SamplingState
     reply_to: str = ""  # the gateway channel its tokens stream to (executor service)
     traceparent: str = ""
+    # Draft tokens scheduled this step after token_ids (speculative decoding); they are
+    # scored, never appended: verification appends what it accepts.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -52,8 +61,10 @@ class ModelInputs:
     input_ids: torch.Tensor  # (num_tokens,) int64
     positions: torch.Tensor  # (num_tokens,) int64
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # (num_sampling,) rows of the hidden states that sample
-    sampling_requests: list[RequestState]  # parallel to logits_indices, in plan order
+    # Rows of the hidden states that sample: one per sampling request, 1 + len(drafts)
+    # for a request with drafts, consecutive, in the order of sampling_requests.
+    logits_indices: torch.Tensor
+    sampling_requests: list[RequestState]  # in plan order
 
 
 class InputBatch:
@@ -90,15 +101,24 @@ class InputBatch:
         # Finished ids may name requests that never reached this runner (aborted while waiting).
         self.requests.pop(req_id, None)
 
+    def set_drafts(self, scheduled_spec_tokens: dict[str, list[int]]) -> None:
+        """This step's drafts (a plan carries each request's drafts for its step only)."""
+        for state in self.requests.values():
+            if state.spec_token_ids:
+                state.spec_token_ids = []
+        for req_id, drafts in scheduled_spec_tokens.items():
+            self._get(req_id).spec_token_ids = list(drafts)
+
     def prepare(self, num_scheduled_tokens: dict[str, int]) -> ModelInputs:
         """The batch for one step, requests in the plan's order (zero-token entries skipped)."""
         scheduled = [(r, n) for r, n in num_scheduled_tokens.items() if n > 0]
         states = [self._get(r) for r, _ in scheduled]
+        num_drafts = np.fromiter((len(s.spec_token_ids) for s in states), dtype=np.int64, count=len(states))
         num_seqs = len(states)
         q_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=num_seqs)
         computed = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_seqs)
         seq_lens = computed + q_lens
-        known = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_seqs)
+        known = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_seqs) + num_drafts
         bs = self.block_size
         blocks_needed = -(-seq_lens // bs)
         self._check(states, seq_lens, known, blocks_needed)
@@ -111,7 +131,9 @@ class InputBatch:
         else:
             token_ids = []
             for s, c, n in zip(states, computed.tolist(), q_lens.tolist(), strict=True):
-                token_ids.extend(s.token_ids[c : c + n])
+                # Drafts ride on a decode: the pending token, then the drafts.
+                token_ids.extend(s.token_ids[c : c + n - len(s.spec_token_ids)])
+                token_ids.extend(s.spec_token_ids)
         seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
         positions = np.arange(num_tokens) - np.repeat(query_start[:-1] - computed, q_lens)
 
@@ -141,7 +163,9 @@ class InputBatch:
             input_ids=torch.tensor(token_ids, dtype=torch.int64, device=dev),
             positions=torch.from_numpy(positions).to(dev),
             meta=meta,
-            logits_indices=torch.from_numpy(query_start[1:][samples] - 1).to(dev),
+            logits_indices=torch.from_numpy(
+                _logits_rows(query_start[1:][samples], num_drafts[samples])
+            ).to(dev),
             sampling_requests=[s for s, flag in zip(states, samples.tolist(), strict=True) if flag],
         )
 
@@ -164,3 +188,13 @@ class InputBatch:
             raise ValueError(
                 f"request {states[i].req_id!r}: {int(have[i])} blocks cannot hold {int(seq_lens[i])} tokens"
             )
+
+
+def _logits_rows(query_ends: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """Each sampling request's last 1 + num_drafts token rows, in order."""
+    if not num_drafts.any():
+        return query_ends - 1
+    counts = num_drafts + 1
+    first = np.repeat(query_ends - counts, counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return first + offsets

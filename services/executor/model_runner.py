@@ -45,7 +45,7 @@ import torch
 from services.executor.attention import AttentionMetadata, get_attention_backend
 from services.executor.cuda_graphs import DecodeGraphs, graph_sizes
 from services.executor.distributed import TPGroup
-from services.executor.input_batch import InputBatch, ModelInputs
+from services.executor.input_batch import InputBatch, ModelInputs, RequestState
 from services.executor.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
 from services.executor.loader import ResolvedModel, resolve_model
 from services.executor.models.build import build_model
@@ -53,6 +53,8 @@ from services.executor.models.model_config import ModelArgs, resolve_dtype
 from services.executor.models.parallel import TPInfo, all_reduce, broadcast_from_first
 from services.executor.sampler import Sampler, make_generator
 from services.executor.shm_allreduce import ShmAllReduce
+from services.executor.spec_decode.speculator import Speculator
+from services.executor.spec_decode.verify import Verified
 from shared.config import ConfigError, EngineConfig
 from shared.protocol import StepPlan, StepResult
 from shared.stop import check_stop
@@ -135,6 +137,30 @@ class ModelRunner:
         self.generator = make_generator(config.seed, self.device)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, generator=self.generator)
         self.input_batch = InputBatch(self.block_size, self.device)
+        self.speculator = self._make_speculator(resolved)
+
+    def _make_speculator(self, resolved: ResolvedModel) -> Speculator | None:
+        spec = self.config.speculative()
+        if spec is None:
+            return None
+        draft = None
+        if spec.uses_draft_model:
+            from services.executor.spec_decode.draft_model import DraftModelProposer
+
+            draft = DraftModelProposer(
+                self.config,
+                spec,
+                target=resolved,
+                target_vocab_size=self.vocab_size,
+                max_model_len=self.max_model_len,
+                block_size=self.block_size,
+                device=self.device,
+                dtype=self.dtype,
+                attn_backend=self.attn_backend,
+            )
+            draft.allocate(self.num_blocks)
+        log.info("speculative decoding: %s", spec)
+        return Speculator(spec, self.max_model_len, draft)
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -174,6 +200,8 @@ class ModelRunner:
         batch = self.input_batch
         for req_id in plan.finished_req_ids:
             batch.remove(req_id)
+            if self.speculator is not None:
+                self.speculator.remove(req_id)
         for new in plan.new_requests:
             # Unseeded requests get None: the sampler then draws for them, in one batch,
             # from self.generator (seeded from config.seed).
@@ -181,6 +209,7 @@ class ModelRunner:
             batch.add(new, None if seed is None else make_generator(seed, self.device))
         for cached in plan.cached_requests:
             batch.update(cached)
+        batch.set_drafts(plan.scheduled_spec_tokens)
         return batch.prepare(plan.num_scheduled_tokens) if has_work else None
 
     def _agree(self, failed_here: bool) -> list[int]:
@@ -201,37 +230,67 @@ class ModelRunner:
         if not requests:  # only mid-prompt chunks this step
             return StepResult(step_id=step_id)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # None on ranks > 0
-        logprobs = []
+        sampled: list[Verified] = []
         if logits is not None:  # rank 0 samples, once, for all ranks
-            out = self.sampler(logits, [r.sampling for r in requests])
-            token_ids = out.token_ids
-            if any(lp is not None for lp in out.logprobs):
-                logprobs = [[lp] if lp is not None else [] for lp in out.logprobs]
+            if self.speculator is not None:
+                sampled = self.speculator.sample(self.sampler, logits, requests)
+            else:
+                out = self.sampler(logits, [r.sampling for r in requests])
+                sampled = [
+                    Verified([t], 0, [] if lp is None else [lp])
+                    for t, lp in zip(out.token_ids, out.logprobs, strict=True)
+                ]
+        token_ids = [v.token_ids for v in sampled]
         if self.tp.size > 1:
             # Every rank keeps its request state in sync: the next plan will not carry these.
-            ids = torch.tensor(token_ids, device=self.device) if logits is not None else None
-            if ids is None:
-                ids = torch.empty(len(requests), dtype=torch.int64, device=self.device)
-            token_ids = broadcast_from_first(ids, self.tp).tolist()
+            token_ids = self._broadcast_tokens(token_ids, requests)
         finish_reasons = []
-        for request, token_id in zip(requests, token_ids, strict=True):
-            request.append_token(token_id)
-            # The one place a token-level finish is decided (the scheduler applies it).
-            reason = check_stop(
-                request.sampling.output_token_ids,
-                request.num_prompt_tokens,
-                request.sampling.params,
-                self.eos_token_ids,
-                self.max_model_len,
-            )
-            finish_reasons.append(0 if reason is None else int(reason))
-        return StepResult(
+        for request, tokens in zip(requests, token_ids, strict=True):
+            code = 0
+            for n, token_id in enumerate(tokens, 1):
+                request.append_token(token_id)
+                # The one place a token-level finish is decided (the scheduler applies it);
+                # inside an accepted run of drafts it cuts the run there.
+                reason = check_stop(
+                    request.sampling.output_token_ids,
+                    request.num_prompt_tokens,
+                    request.sampling.params,
+                    self.eos_token_ids,
+                    self.max_model_len,
+                )
+                if reason is not None:
+                    del tokens[n:]
+                    code = int(reason)
+                    break
+            finish_reasons.append(code)
+        result = StepResult(
             step_id=step_id,
             req_ids=[r.req_id for r in requests],
-            sampled_token_ids=[[t] for t in token_ids],
-            logprobs=logprobs,
+            sampled_token_ids=token_ids,
             finish_reasons=finish_reasons,
         )
+        if any(v.logprobs for v in sampled):
+            result.logprobs = [v.logprobs[: len(t)] for v, t in zip(sampled, token_ids, strict=True)]
+        if self.speculator is not None and sampled:  # rank 0: its result is the one that counts
+            result.num_accepted = [
+                min(v.num_accepted, len(t)) for v, t in zip(sampled, token_ids, strict=True)
+            ]
+            live = [i for i, code in enumerate(finish_reasons) if not code]
+            drafts = self.speculator.propose([requests[i] for i in live])
+            result.draft_token_ids = [[] for _ in requests]
+            for i, d in zip(live, drafts, strict=True):
+                result.draft_token_ids[i] = d
+        return result
+
+    def _broadcast_tokens(self, token_ids: list[list[int]], requests: list[RequestState]) -> list[list[int]]:
+        """Rank 0's tokens of each request, on every rank: one (requests, 1 + max drafts)
+        tensor padded with -1 (a step with drafts emits 1 to 1 + k tokens per request)."""
+        width = 1 + max(len(r.spec_token_ids) for r in requests)
+        if token_ids:
+            ids = torch.tensor([t + [-1] * (width - len(t)) for t in token_ids], device=self.device)
+        else:
+            ids = torch.empty((len(requests), width), dtype=torch.int64, device=self.device)
+        return [[t for t in row if t >= 0] for row in broadcast_from_first(ids, self.tp).tolist()]
 
     def build_decode_graphs(self, sizes: list[int], capture: bool = True) -> DecodeGraphs:
         """Graphs (not captured yet) over this runner's model and KV cache; capture=False

@@ -111,7 +111,7 @@ class Sampler:
         sampled = self._sample(processed, states)
         token_ids = sampled.tolist()
         if want_logprobs:
-            logprobs = self._logprobs(processed, sampled, token_ids, params)
+            logprobs = self.logprobs(processed, sampled, token_ids, params)
         else:
             logprobs = [None] * n
         return SamplerOutput(token_ids, logprobs)
@@ -228,7 +228,7 @@ class Sampler:
             picks.index_copy_(0, torch.tensor(rows, dtype=torch.long, device=picks.device), values)
 
     # ------------------------------------------------------------------ logprobs
-    def _logprobs(
+    def logprobs(
         self,
         logits: torch.Tensor,
         sampled: torch.Tensor,

@@ -80,19 +80,22 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVBlock] = (),
+        num_lookahead_tokens: int = 0,
     ) -> list[int] | None:
         """Make room for `num_new_tokens` after the request's computed tokens.
 
         `new_computed_blocks` are prefix-cache hits from `get_computed_blocks`, given on
-        a request's first allocation only. Returns the ids of the blocks appended to the
-        request's table (hits first, then fresh ones), or None if there are not enough
-        free blocks, in which case nothing changed.
+        a request's first allocation only. `num_lookahead_tokens` more slots are reserved
+        beyond them (a speculative draft model writes its drafts' KV there after the step).
+        Returns the ids of the blocks appended to the request's table (hits first, then
+        fresh ones), or None if there are not enough free blocks, in which case nothing
+        changed.
         """
         bs = self.block_size
         held = self.req_to_blocks.get(request.req_id)
         num_held = len(held) if held else 0
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
-        num_needed = cdiv(num_computed + num_new_tokens, bs)
+        num_needed = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, bs)
         num_fresh = max(0, num_needed - num_held - len(new_computed_blocks))
         # A hit on a free (cached) block takes it out of the free queue too.
         num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)

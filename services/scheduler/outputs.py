@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from services.scheduler.request import Request
+from services.scheduler.spec_stats import SpecDecodeStats
 from shared.protocol import FinishReason, Logprobs
 
 
@@ -42,3 +43,4 @@ class SchedulerStats(NamedTuple):
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # tokens found there
     num_preemptions: int
+    spec_decode: SpecDecodeStats = SpecDecodeStats()

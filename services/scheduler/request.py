@@ -66,6 +66,9 @@ class Request:
     # Prompt tokens served from the prefix cache at first admission (reported to clients).
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Speculative decoding: draft tokens the executor proposed for the next step (never
+    # part of output_token_ids; verified, then dropped or turned into output).
+    spec_token_ids: list[int] = field(default_factory=list)
     # Chained hashes of the request's full blocks, filled lazily by the KV cache manager.
     # Derived from the tokens alone, so it stays valid across preemption.
     block_hashes: list[Any] = field(default_factory=list, repr=False)

@@ -14,6 +14,18 @@ and the allocation retried; a request that is itself the last one preempts itsel
 
 NOTE: `num_computed_tokens` is advanced when a step is *scheduled*; blocks are cached
 when it *returns* (`update_from_output`). Steps never overlap: schedule, run, update.
+
+Speculative decoding: a decoding request may carry drafts (`Request.spec_token_ids`,
+proposed by the executor with the last step's result). They are scheduled after its
+pending token, count against the token budget (cut to fit) and get KV slots like any
+token. When the step returns, `num_computed_tokens` is rolled back over the rejected
+drafts *before* any block is hashed, so no cached block ever holds a rejected token:
+
+    known: ... t5 | t6 (pending)   drafts d7 d8 d9    scheduled 4, computed += 4
+    result: accepted d7, then t8'  ─▶ output ... t6 d7 t8'   computed = num_tokens - 1
+
+With a draft model, `num_lookahead_slots` more slots are reserved for every request that
+may sample: the draft writes the KV of its next drafts there right after the step.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from collections.abc import Iterable
 from services.scheduler.kv_cache_manager import KVCacheManager, cdiv
 from services.scheduler.outputs import EngineCoreOutput, SchedulerStats
 from services.scheduler.request import Request, RequestStatus
+from services.scheduler.spec_stats import SpecDecodeCounters
 from shared.protocol import CachedRequestData, FinishReason, NewRequestData, StepPlan, StepResult
 
 
@@ -37,6 +50,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_prefix_caching: bool,
+        num_lookahead_slots: int = 0,
     ) -> None:
         for name, v in (
             ("num_blocks", num_blocks),
@@ -51,6 +65,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.num_lookahead_slots = num_lookahead_slots
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         # Only unfinished requests live here; waiting and running partition them.
         self.requests: dict[str, Request] = {}
@@ -60,6 +75,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # known requests dropped since the last plan
         self._step_id = 0
         self.num_preemptions = 0
+        self.spec = SpecDecodeCounters()
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, req: Request) -> None:
@@ -116,6 +132,7 @@ class Scheduler:
             prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            spec_decode=self.spec.snapshot(),
         )
 
     # ------------------------------------------------------------------ one step
@@ -130,6 +147,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         cached: list[CachedRequestData] = []
         new: list[NewRequestData] = []
+        spec_tokens: dict[str, list[int]] = {}
         preempted = False
 
         i = 0
@@ -139,7 +157,12 @@ class Scheduler:
             if n <= 0:  # defensive: update_from_output aborts a request that got no token
                 i += 1
                 continue
-            block_ids = self.kv.allocate_slots(req, n)
+            # Drafts ride only on a decode (one pending token), as many as the budget allows.
+            drafts = req.spec_token_ids[: budget - n] if n == 1 else []
+            req.spec_token_ids = []
+            n += len(drafts)
+            lookahead = self._lookahead(req.num_computed_tokens, n)
+            block_ids = self.kv.allocate_slots(req, n, num_lookahead_tokens=lookahead)
             while block_ids is None:
                 # Victims come from the back, so none of them was scheduled in this step.
                 victim = self.running.pop()
@@ -147,7 +170,7 @@ class Scheduler:
                 preempted = True
                 if victim is req:
                     break
-                block_ids = self.kv.allocate_slots(req, n)
+                block_ids = self.kv.allocate_slots(req, n, num_lookahead_tokens=lookahead)
             if block_ids is None:
                 break  # req preempted itself: it was the last running request
             cached.append(
@@ -156,6 +179,8 @@ class Scheduler:
                 )
             )
             num_scheduled[req.req_id] = n
+            if drafts:
+                spec_tokens[req.req_id] = drafts
             req.num_computed_tokens += n
             budget -= n
             i += 1
@@ -165,7 +190,8 @@ class Scheduler:
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit, budget)
-            block_ids = self.kv.allocate_slots(req, n, hits)
+            lookahead = self._lookahead(num_hit, n)
+            block_ids = self.kv.allocate_slots(req, n, hits, num_lookahead_tokens=lookahead)
             if block_ids is None:
                 break  # strict arrival order: later requests wait too
             self.waiting.popleft()
@@ -199,6 +225,7 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             finished_req_ids=self._finished_ids,
             total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            scheduled_spec_tokens=spec_tokens,
         )
         self._finished_ids = []
         return plan
@@ -219,18 +246,18 @@ class Scheduler:
             self.finish_requests([r.req_id for r in live], FinishReason.ABORT)
             return outputs
 
-        for req in live:
-            self.kv.cache_blocks(req, req.num_computed_tokens)
         outputs = []
-        finished = []
+        finished: list[tuple[Request, FinishReason]] = []
+        sampled: set[str] = set()
         for i, req_id in enumerate(result.req_ids):
             req = self.requests.get(req_id)
+            drafts = plan.scheduled_spec_tokens.get(req_id, ())
             # Only a request whose step reached the end of its known tokens may sample.
             if (
                 req is None
                 or req.status != RequestStatus.RUNNING
                 or req_id not in plan.num_scheduled_tokens
-                or req.num_computed_tokens != req.num_tokens
+                or req.num_computed_tokens - len(drafts) != req.num_tokens
             ):
                 continue
             tokens = result.sampled_token_ids[i]
@@ -239,6 +266,14 @@ class Scheduler:
             code = result.finish_reasons[i] if i < len(result.finish_reasons) else 0
             reason = FinishReason(code) if code else None
             req.output_token_ids.extend(tokens)
+            sampled.add(req_id)
+            if drafts:
+                # Roll back over the rejected drafts before any block is cached below.
+                req.num_computed_tokens = req.num_tokens - 1
+                accepted = result.num_accepted[i] if i < len(result.num_accepted) else 0
+                self.spec.record(len(drafts), accepted)
+            if i < len(result.draft_token_ids):
+                req.spec_token_ids = list(result.draft_token_ids[i])
             streamed = reason is not None
             if reason is None and req.num_tokens > self.kv.num_blocks * self.block_size:
                 # The next token could never be computed: the whole cache is too small for it.
@@ -246,14 +281,18 @@ class Scheduler:
                 reason = FinishReason.LENGTH
             outputs.append(self._output(req, tokens, logprobs, reason, streamed=streamed))
             if reason is not None:
-                finished.append(req)
-                self._finish(req, reason)
+                finished.append((req, reason))
         for req in live:
-            if req.status == RequestStatus.RUNNING and req.num_computed_tokens == req.num_tokens:
-                # It was due to sample and got nothing: fail it loudly rather than stall forever.
+            drafts = plan.scheduled_spec_tokens.get(req.req_id, ())
+            if req.req_id not in sampled and req.num_computed_tokens - len(drafts) == req.num_tokens:
+                # It was due to sample and got nothing: fail it loudly rather than stall forever
+                # (and cache nothing: its unverified drafts are counted as computed).
                 outputs.append(self._output(req, [], [], FinishReason.ABORT, "executor returned no token"))
-                finished.append(req)
-                self._finish(req, FinishReason.ABORT)
+                finished.append((req, FinishReason.ABORT))
+            else:
+                self.kv.cache_blocks(req, req.num_computed_tokens)
+        for req, reason in finished:
+            self._finish(req, reason)
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
         return outputs
@@ -280,8 +319,15 @@ class Scheduler:
             streamed,
         )
 
+    def _lookahead(self, num_computed: int, num_new: int) -> int:
+        """Slots reserved past a step's tokens for a draft model's next drafts, never past
+        max_model_len (the proposer caps its drafts there too)."""
+        room = self.max_model_len - (num_computed + num_new)
+        return max(0, min(self.num_lookahead_slots, room))
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

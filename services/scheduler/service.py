@@ -166,6 +166,7 @@ class SchedulerService:
             max_num_batched_tokens=budget,
             max_model_len=max_model_len,
             enable_prefix_caching=self.config.enable_prefix_caching,
+            num_lookahead_slots=self.config.num_lookahead_slots(),
         )
         self.info = EngineInfo(
             engine_id=self.engine_id,
