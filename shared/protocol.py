@@ -203,3 +203,8 @@ class EngineStats(_Msg):
     num_preemptions: int = 0
     num_blocks: int = 0
     timestamp: float = 0.0
+    # Speculative decoding, cumulative (services/scheduler/spec_stats.py has the meanings).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_tokens_per_pos: list[int] = []

@@ -1,9 +1,9 @@
 """Prometheus metrics with vLLM's meanings under a `folio:` prefix.
 
-Engine state (running/waiting requests, KV cache usage, prefix cache, preemptions) is
-owned by the schedulers: it is read from their published EngineStats at scrape time and
-summed over engines. Request-level metrics (tokens, finish reasons, latencies) are
-measured here, where the client's clock is.
+Engine state (running/waiting requests, KV cache usage, prefix cache, preemptions,
+speculative decoding counters) is owned by the schedulers: it is read from their
+published EngineStats at scrape time and summed over engines. Request-level metrics
+(tokens, finish reasons, latencies) are measured here, where the client's clock is.
 
 NOTE: with n > 1, `prompt_tokens` counts the prompt once per choice, as vLLM does (each
 of the n choices is its own request in vLLM's output processor, which adds that
@@ -145,6 +145,31 @@ class EngineStatsCollector(Collector):
             "Cumulative number of preemptions from the engine.",
             sum(e.num_preemptions for e in s),
         )
+        yield counter(
+            "folio:spec_decode_num_drafts",
+            "Number of spec decoding drafts.",
+            sum(e.spec_num_drafts for e in s),
+        )
+        yield counter(
+            "folio:spec_decode_num_draft_tokens",
+            "Number of draft tokens.",
+            sum(e.spec_num_draft_tokens for e in s),
+        )
+        yield counter(
+            "folio:spec_decode_num_accepted_tokens",
+            "Number of accepted tokens.",
+            sum(e.spec_num_accepted_tokens for e in s),
+        )
+        per_pos = CounterMetricFamily(
+            "folio:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.",
+            labels=labels + ["position"],
+        )
+        width = max((len(e.spec_accepted_tokens_per_pos) for e in s), default=0)
+        for pos in range(width):
+            counts = (e.spec_accepted_tokens_per_pos for e in s)
+            per_pos.add_metric(values + [str(pos)], sum(c[pos] for c in counts if pos < len(c)))
+        yield per_pos
 
 
 class GatewayMetrics:

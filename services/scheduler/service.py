@@ -491,6 +491,10 @@ class SchedulerService:
             num_preemptions=s.num_preemptions,
             num_blocks=self.info.num_blocks,
             timestamp=time.time(),
+            spec_num_drafts=s.spec_decode.num_drafts,
+            spec_num_draft_tokens=s.spec_decode.num_draft_tokens,
+            spec_num_accepted_tokens=s.spec_decode.num_accepted_tokens,
+            spec_accepted_tokens_per_pos=list(s.spec_decode.accepted_tokens_per_pos),
         ))
         return True
 

@@ -107,3 +107,17 @@ def test_sampling_with_drafts_is_seeded_and_valid(smollm2_dir):
     b = llm.generate([prompt], params)[0].token_ids
     assert a == b and len(a) == 32
     assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_ngram_at_tensor_parallel_2_equals_tp1(tmp_path):
+    """Rank 0 verifies and proposes; every rank appends the same accepted run."""
+    path = str(make_tiny_model("llama", tmp_path / "llama"))
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(20, 50))]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    want = [o.token_ids for o in LLM(path, dtype="float32", skip_tokenizer_init=True).generate(prompts, params)]
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2, speculative_config=NGRAM)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    finally:
+        llm.shutdown()
