@@ -59,30 +59,34 @@ def determine_num_blocks(
     spec: KVCacheSpec,
     device: torch.device,
     profile_run: Callable[[], int] | None = None,
+    extra_bytes_per_block: int = 0,
 ) -> int:
     """Number of KV blocks to allocate. `profile_run` (CUDA only) runs a worst-case forward
-    pass and returns the bytes of any temporary KV cache it allocated itself."""
+    pass and returns the bytes of any temporary KV cache it allocated itself.
+    `extra_bytes_per_block`: another cache indexed by the same block ids (a speculative
+    draft model's) shares the budget."""
+    per_block = spec.bytes_per_block + extra_bytes_per_block
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
     if device.type == "cuda":
         if profile_run is None:
             raise ValueError("sizing the KV cache on CUDA needs a profiling run")
-        num_blocks = _cuda_num_blocks(config.gpu_memory_utilization, spec, device, profile_run)
+        num_blocks = _cuda_num_blocks(config.gpu_memory_utilization, per_block, device, profile_run)
         where = f"{config.gpu_memory_utilization:.0%} of GPU memory"
     else:
-        num_blocks = int(config.kv_cache_space * GiB) // spec.bytes_per_block
+        num_blocks = int(config.kv_cache_space * GiB) // per_block
         where = f"kv_cache_space={config.kv_cache_space} GiB"
     if num_blocks < 2:
         raise ValueError(
             f"no room for the KV cache with {where}: one block of {spec.block_size} tokens needs "
-            f"{spec.bytes_per_block / 2**20:.1f} MiB; raise the limit or lower max_num_batched_tokens"
+            f"{per_block / 2**20:.1f} MiB; raise the limit or lower max_num_batched_tokens"
         )
     log.info("KV cache: %d blocks of %d tokens (%s)", num_blocks, spec.block_size, where)
     return num_blocks
 
 
 def _cuda_num_blocks(
-    utilization: float, spec: KVCacheSpec, device: torch.device, profile_run: Callable[[], int]
+    utilization: float, bytes_per_block: int, device: torch.device, profile_run: Callable[[], int]
 ) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -101,4 +105,4 @@ def _cuda_num_blocks(
         outside_torch / GiB,
         peak / GiB,
     )
-    return max(budget, 0) // spec.bytes_per_block
+    return max(budget, 0) // bytes_per_block

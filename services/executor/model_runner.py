@@ -53,6 +53,7 @@ from services.executor.models.model_config import ModelArgs, resolve_dtype
 from services.executor.models.parallel import TPInfo, all_reduce, broadcast_from_first
 from services.executor.sampler import Sampler, make_generator
 from services.executor.shm_allreduce import ShmAllReduce
+from services.executor.spec_decode.draft_model import DraftModelProposer
 from services.executor.spec_decode.speculator import Speculator
 from services.executor.spec_decode.verify import Verified
 from shared.config import ConfigError, EngineConfig
@@ -117,7 +118,16 @@ class ModelRunner:
             dtype=self.dtype,
             block_size=self.block_size,
         )
-        num_blocks = determine_num_blocks(config, spec, self.device, lambda: self._profile_run(spec))
+        # A draft model is built before the cache is sized: its weights count on a GPU, and
+        # its KV cache (same block ids) shares the budget.
+        self.draft_model = self._make_draft_model(resolved)
+        num_blocks = determine_num_blocks(
+            config,
+            spec,
+            self.device,
+            lambda: self._profile_run(spec),
+            extra_bytes_per_block=0 if self.draft_model is None else self.draft_model.kv_spec.bytes_per_block,
+        )
         # Every rank must hold every block id the scheduler hands out: the smallest count.
         agreed = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
         if self.tp.size > 1:
@@ -125,6 +135,8 @@ class ModelRunner:
             log.info("KV cache: %d blocks here, %d on every rank", num_blocks, int(agreed.item()))
         self.num_blocks = int(agreed.item())
         self.kv_caches = allocate_kv_cache(spec, self.num_blocks, self.device)
+        if self.draft_model is not None:
+            self.draft_model.allocate(self.num_blocks)
         # After the KV cache: graph memory is small, and the profile run must not see it.
         self.decode_graphs: DecodeGraphs | None = None
         sizes, why_not = graph_sizes(config, self.device, self.attn_backend)
@@ -137,30 +149,27 @@ class ModelRunner:
         self.generator = make_generator(config.seed, self.device)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, generator=self.generator)
         self.input_batch = InputBatch(self.block_size, self.device)
-        self.speculator = self._make_speculator(resolved)
+        spec_config = config.speculative()
+        self.speculator = None
+        if spec_config is not None:
+            log.info("speculative decoding: %s", spec_config)
+            self.speculator = Speculator(spec_config, self.max_model_len, self.draft_model)
 
-    def _make_speculator(self, resolved: ResolvedModel) -> Speculator | None:
+    def _make_draft_model(self, resolved: ResolvedModel) -> DraftModelProposer | None:
         spec = self.config.speculative()
-        if spec is None:
+        if spec is None or not spec.uses_draft_model:
             return None
-        draft = None
-        if spec.uses_draft_model:
-            from services.executor.spec_decode.draft_model import DraftModelProposer
-
-            draft = DraftModelProposer(
-                self.config,
-                spec,
-                target=resolved,
-                target_vocab_size=self.vocab_size,
-                max_model_len=self.max_model_len,
-                block_size=self.block_size,
-                device=self.device,
-                dtype=self.dtype,
-                attn_backend=self.attn_backend,
-            )
-            draft.allocate(self.num_blocks)
-        log.info("speculative decoding: %s", spec)
-        return Speculator(spec, self.max_model_len, draft)
+        return DraftModelProposer(
+            self.config,
+            spec,
+            target=resolved,
+            target_vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+            dtype=self.dtype,
+            attn_backend=self.attn_backend,
+        )
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -206,7 +215,9 @@ class ModelRunner:
             # Unseeded requests get None: the sampler then draws for them, in one batch,
             # from self.generator (seeded from config.seed).
             seed = new.sampling_params.seed
-            batch.add(new, None if seed is None else make_generator(seed, self.device))
+            state = batch.add(new, None if seed is None else make_generator(seed, self.device))
+            if self.draft_model is not None:  # its prefix-cache hit is valid draft KV too
+                self.draft_model.add(state)
         for cached in plan.cached_requests:
             batch.update(cached)
         batch.set_drafts(plan.scheduled_spec_tokens)

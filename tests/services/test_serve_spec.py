@@ -22,16 +22,28 @@ async def test_streaming_chat_through_the_server_is_exact(smollm2_dir):
     params = SamplingParams(temperature=0.0, max_tokens=40)
     expected = [ref.chat([{"role": "user", "content": q}], params)[0].text for q in questions]
     del ref
-    serve = ServeProcess(smollm2_dir, "--dtype", "float32", "--served-model-name", "smol",
-                         "--speculative-config", json.dumps(NGRAM))
+    serve = ServeProcess(
+        smollm2_dir,
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "smol",
+        "--speculative-config",
+        json.dumps(NGRAM),
+    )
     try:
         serve.wait_ready()
         client = serve.client()
 
         async def one(q: str) -> tuple[str, int]:
             stream = await client.chat.completions.create(
-                model="smol", messages=[{"role": "user", "content": q}], max_tokens=40, temperature=0.0,
-                stream=True, stream_options={"include_usage": True})
+                model="smol",
+                messages=[{"role": "user", "content": q}],
+                max_tokens=40,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             text, usage = [], 0
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -45,11 +57,19 @@ async def test_streaming_chat_through_the_server_is_exact(smollm2_dir):
         await client.close()
         with urllib.request.urlopen(f"{serve.base}/metrics", timeout=10) as r:
             metrics = r.read().decode()
-        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                  if line.startswith("folio:spec_decode") and "position" not in line}
+        values = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("folio:spec_decode") and "position" not in line
+        }
         assert values["folio:spec_decode_num_drafts_total"] > 0
-        assert 0 < values["folio:spec_decode_num_accepted_tokens_total"] <= values[
-            "folio:spec_decode_num_draft_tokens_total"]
-        assert 'folio:spec_decode_num_accepted_tokens_per_pos_total{model_name="smol",position="0"}' in metrics
+        assert (
+            0
+            < values["folio:spec_decode_num_accepted_tokens_total"]
+            <= values["folio:spec_decode_num_draft_tokens_total"]
+        )
+        assert (
+            'folio:spec_decode_num_accepted_tokens_per_pos_total{model_name="smol",position="0"}' in metrics
+        )
     finally:
         serve.stop()

@@ -9,7 +9,12 @@ from shared.speculative_config import SpeculativeConfig, SpeculativeConfigError
 
 def test_ngram_and_defaults():
     s = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}')
-    assert (s.method, s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 4, 4, 4)
+    assert (s.method, s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max) == (
+        "ngram",
+        4,
+        4,
+        4,
+    )
     assert s.num_lookahead_slots == 0 and s.backoff
     s = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2})
     assert (s.prompt_lookup_min, s.prompt_lookup_max) == (2, 4)
@@ -27,7 +32,10 @@ def test_draft_model_is_implied_by_model():
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_mn": 1}, "prompt_lookup_mn"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}, "<="),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3},
+            "<=",
+        ),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
         ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "ngram"),
         ("[1]", "JSON object"),

@@ -76,7 +76,9 @@ def test_ngram_tiny_models_exact(tmp_path, arch):
     # Random tiny models repeat themselves, so n-gram drafts come and are partly accepted.
     prompts = lambda llm: [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 12, 13], list(range(20, 60))]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    base, spec, llm = run_pair(path, prompts, params, block_size=4, max_num_batched_tokens=16, skip_tokenizer_init=True)
+    base, spec, llm = run_pair(
+        path, prompts, params, block_size=4, max_num_batched_tokens=16, skip_tokenizer_init=True
+    )
     assert spec == base
     assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
 
@@ -114,8 +116,12 @@ def test_ngram_at_tensor_parallel_2_equals_tp1(tmp_path):
     path = str(make_tiny_model("llama", tmp_path / "llama"))
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(20, 50))]
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    want = [o.token_ids for o in LLM(path, dtype="float32", skip_tokenizer_init=True).generate(prompts, params)]
-    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2, speculative_config=NGRAM)
+    want = [
+        o.token_ids for o in LLM(path, dtype="float32", skip_tokenizer_init=True).generate(prompts, params)
+    ]
+    llm = LLM(
+        path, dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2, speculative_config=NGRAM
+    )
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
         assert llm.engine.stats().spec_decode.num_accepted_tokens > 0

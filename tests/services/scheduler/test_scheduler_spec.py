@@ -120,7 +120,9 @@ def test_preemption_mid_speculation_drops_drafts_and_recomputes():
     a = add(s, "a", list(range(10, 17)))
     b = add(s, "b", list(range(20, 24)))
     plan = s.schedule()  # a: blocks 0, 1; b: block 2
-    s.update_from_output(plan, result(plan, {"a": [1], "b": [2]}, drafts={"a": [3, 4, 5, 6], "b": [7, 8, 9, 10]}))
+    s.update_from_output(
+        plan, result(plan, {"a": [1], "b": [2]}, drafts={"a": [3, 4, 5, 6], "b": [7, 8, 9, 10]})
+    )
     # a needs block 3 for its drafts, b then needs a fifth block: b (admitted last) is preempted.
     plan = s.schedule()
     assert plan.num_scheduled_tokens == {"a": 5} and plan.finished_req_ids == ["b"]

@@ -55,13 +55,20 @@ def assert_matches(tokens: torch.Tensor, expected: torch.Tensor) -> None:
 
 def sample_drafts(q: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(q.shape[0])], 1)
+    return torch.stack(
+        [torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(q.shape[0])], 1
+    )
 
 
-def run(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, seed: int = 1, sampler=rejection_sample):
+def run(
+    p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, seed: int = 1, sampler=rejection_sample
+):
     n, k = drafts.shape
     tokens, emitted = sampler(
-        p.expand(n, -1, -1), drafts, torch.full((n,), k), None if q is None else q.expand(n, -1, -1),
+        p.expand(n, -1, -1),
+        drafts,
+        torch.full((n,), k),
+        None if q is None else q.expand(n, -1, -1),
         torch.Generator().manual_seed(seed),
     )
     return tokens, emitted
@@ -136,9 +143,11 @@ def test_a_wrong_sampler_fails():
 def test_shapes_padding_and_no_drafts():
     p = P.expand(3, -1, -1)
     drafts = torch.tensor([[0, 0], [2, 4], [1, 1]])
-    tokens, emitted = rejection_sample(p, drafts, torch.tensor([0, 1, 2]), None, torch.Generator().manual_seed(0))
+    tokens, emitted = rejection_sample(
+        p, drafts, torch.tensor([0, 1, 2]), None, torch.Generator().manual_seed(0)
+    )
     assert tokens.shape == (3, 3) and emitted.tolist()[0] == 1
-    assert all(1 <= e <= n + 1 for e, n in zip(emitted.tolist(), [0, 1, 2]))
+    assert all(1 <= e <= n + 1 for e, n in zip(emitted.tolist(), [0, 1, 2], strict=True))
     # Certain drafts (p = 1 on them) are always accepted, then the bonus comes from p_k.
     sure = torch.zeros(1, 3, 5)
     sure[0, 0, 2] = sure[0, 1, 4] = sure[0, 2, 1] = 1.0
