@@ -37,6 +37,7 @@ class ResolvedModel:
     hf_config: PretrainedConfig
     architecture: str  # e.g. "LlamaForCausalLM"
     load_format: str  # "safetensors" or "dummy"
+    gguf_path: Path | None = None  # the GGUF file `path` was converted from, if any
 
 
 def resolve_model(model: str, load_format: str = "auto", download_dir: str | None = None) -> ResolvedModel:
@@ -50,33 +51,38 @@ def resolve_model(model: str, load_format: str = "auto", download_dir: str | Non
     if load_format not in LOAD_FORMATS:
         raise ModelSourceError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
     cache_root = Path(download_dir).expanduser() if download_dir else default_cache_dir()
-    folder = _locate(model, load_format, download_dir, cache_root)
+    folder, gguf_path = _locate(model, load_format, download_dir, cache_root)
     config = load_config(folder)
     architecture = check_architecture(config, folder)
     if load_format == "dummy":
         return ResolvedModel(folder, config, architecture, "dummy")
     check_weights(folder)
-    return ResolvedModel(folder, config, architecture, "safetensors")
+    return ResolvedModel(folder, config, architecture, "safetensors", gguf_path)
 
 
-def _locate(model: str, load_format: str, download_dir: str | None, cache_root: Path) -> Path:
+def _locate(
+    model: str, load_format: str, download_dir: str | None, cache_root: Path
+) -> tuple[Path, Path | None]:
+    """(Hugging Face folder, the GGUF it was converted from or None)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if load_format == "gguf":
-            return cached_gguf_folder(_single_gguf(path), cache_root)
-        return path.resolve()
+            gguf = _single_gguf(path)
+            return cached_gguf_folder(gguf, cache_root), gguf
+        return path.resolve(), None
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return cached_gguf_folder(path.resolve(), cache_root)
+            return cached_gguf_folder(path.resolve(), cache_root), path.resolve()
         raise ModelSourceError(
             f"model path {path} is a file but not a .gguf; pass a Hugging Face model folder, "
             f"a .gguf file or a bundled name ({', '.join(BUNDLED_MODELS)})"
         )
     if model in BUNDLED_MODELS:
-        return cached_gguf_folder(bundled_gguf_path(model), cache_root)
+        gguf = bundled_gguf_path(model)
+        return cached_gguf_folder(gguf, cache_root), gguf
     if load_format == "gguf":
         raise ModelSourceError(f"GGUF file {model} does not exist")
-    return _from_hub(model, download_dir, with_weights=load_format != "dummy")
+    return _from_hub(model, download_dir, with_weights=load_format != "dummy"), None
 
 
 def _single_gguf(folder: Path) -> Path:

@@ -1,17 +1,25 @@
 """Build a model for a resolved checkpoint: construct it for this rank, then fill its weights.
 
 One place for it, used by the target model runner and by a speculative draft model.
+Weights load dense or packed (quant/choose.py decides); layers that hold packed or
+load-time-quantized weights swap them in once everything is loaded (finalize_weights).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from services.executor.attention.backend import AttentionBackend
 from services.executor.loader import ResolvedModel, iter_weights
+from services.executor.loader.gguf_weights import iter_gguf_weights
 from services.executor.models.registry import get_model_class
+from services.executor.quant.choose import choose_quantization
 from services.executor.shm_allreduce import ShmAllReduce
 from shared.config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 
 def build_model(
@@ -27,6 +35,7 @@ def build_model(
     tp_group: object | None = None,
     tp_shm: ShmAllReduce | None = None,
 ) -> torch.nn.Module:
+    spec, why = choose_quantization(config.quantization, config.dtype, resolved.gguf_path, dtype, device)
     model = get_model_class(resolved.architecture)(
         resolved.hf_config,
         max_model_len=max_model_len,
@@ -40,6 +49,17 @@ def build_model(
     ).eval()
     if resolved.load_format == "dummy":
         model.init_dummy_weights(config.seed)
+    elif spec.method == "gguf":
+        assert resolved.gguf_path is not None
+        model.load_weights(iter_gguf_weights(resolved.gguf_path))
     else:
         model.load_weights(iter_weights(resolved.path))
+    if spec.method != "none":
+        with torch.no_grad():
+            for module in model.modules():
+                finalize = getattr(module, "finalize_weights", None)
+                if finalize is not None:
+                    finalize(spec)
+    if tp_rank == 0:
+        log.info("weights: %s (%s)", spec.method, why)
     return model

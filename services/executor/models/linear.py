@@ -8,6 +8,12 @@ needs to know how a layer is split:
     RowParallelLinear      W[out, in/tp]         input sharded, all-reduce of the output
     QKVParallelLinear      [q | k | v] rows      fused projections; KV heads may be replicated
     MergedColumnParallel   [gate | up] rows      fused gate/up of the MLP
+
+Quantized weights: a loader may also be handed a packed GroupAffine (a GGUF's own
+blocks). It is sliced the same way (a column slice only on group boundaries, else a
+ValueError naming the tensor-parallel split) and staged; `finalize_weights` then swaps
+the dense parameter for a PackedLinear. Load-time int8/int4 quantize the loaded dense
+shard there instead, so every rank quantizes only its own slice.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.executor.models.parallel import TPInfo, all_reduce, divide, kv_head_range
+from services.executor.quant.group_affine import GroupAffine
+from services.executor.quant.load_time import quantize_int4
+from services.executor.quant.packed_linear import PackedLinear
+from services.executor.quant.spec import QuantSpec
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -45,7 +55,61 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: o
     _copy_checked(param.data, loaded, "replicated parameter")
 
 
-class ColumnParallelLinear(nn.Module):
+class _PackableLinear(nn.Module):
+    """Staging of packed checkpoint tensors and the switch to a PackedLinear."""
+
+    weight: nn.Parameter | None
+    packed: PackedLinear | None = None
+
+    def _stage(self, param: torch.Tensor, row_offset: int, src: object, what: str) -> bool:
+        """Keep a packed tensor for finalize_weights; False for a dense one (copy it)."""
+        if not isinstance(src, GroupAffine):
+            return False
+        if self.weight is None or param is not self.weight:
+            raise ValueError(f"{what}: only weights can be packed, not biases")
+        if src.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"{what}: packed shard has shape {tuple(src.shape)}, expected (*, {self.weight.shape[1]})"
+            )
+        self.__dict__.setdefault("_staged", []).append((row_offset, src))
+        return True
+
+    def finalize_weights(self, spec: QuantSpec) -> None:
+        staged = sorted(self.__dict__.pop("_staged", []), key=lambda s: s[0])
+        if self.weight is None:
+            return
+        if staged:
+            rows, expected = 0, self.weight.shape[0]
+            for offset, block in staged:
+                if offset != rows:
+                    raise ValueError(f"packed weight rows {rows}..{offset} were not loaded")
+                rows += block.shape[0]
+            if rows != expected:
+                raise ValueError(f"packed weight has {rows} rows, expected {expected}")
+            self.packed = PackedLinear.from_blocks(
+                [b for _, b in staged], spec.dtype, keep_dense=spec.keep_dense, dense_above=spec.dense_above
+            )
+        elif spec.method == "int8":
+            self.packed = PackedLinear.int8(self.weight.data, spec.dtype)
+        elif spec.method == "int4":
+            self.packed = PackedLinear.from_blocks(
+                [quantize_int4(self.weight.data)],
+                spec.dtype,
+                keep_dense=spec.keep_dense,
+                dense_above=spec.dense_above,
+            )
+        else:
+            return
+        self.weight = None  # frees the dense parameter (never written for packed loads)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, bias)
+        out = self.packed(x)
+        return out if bias is None else out + bias
+
+
+class ColumnParallelLinear(_PackableLinear):
     def __init__(
         self,
         input_size: int,
@@ -70,10 +134,11 @@ class ColumnParallelLinear(nn.Module):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         n = self.output_size_per_partition
         src = _narrow(loaded, 0, self.output_size, self.tp.rank * n, n, "column-parallel weight")
-        _copy_checked(param.data, src, "column-parallel weight")
+        if not self._stage(param, 0, src, "column-parallel weight"):
+            _copy_checked(param.data, src, "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -99,7 +164,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         what = f"merged shard {shard_id}"
         src = _narrow(loaded, 0, self.output_sizes[shard_id], self.tp.rank * n, n, what)
-        _copy_checked(param.data.narrow(0, offset, n), src, what)
+        if not self._stage(param, offset, src, what):
+            _copy_checked(param.data.narrow(0, offset, n), src, what)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -132,20 +198,21 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         d = self.head_dim
         if shard_id == "q":
-            dst = param.data.narrow(0, 0, self.q_size)
+            offset, size = 0, self.q_size
             full = self.q_size * self.tp.size
             src = _narrow(loaded, 0, full, self.tp.rank * self.q_size, self.q_size, "q_proj")
         elif shard_id in ("k", "v"):
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            dst = param.data.narrow(0, offset, self.kv_size)
+            size = self.kv_size
             full = self.total_num_kv_heads * d
             src = _narrow(loaded, 0, full, self.kv_head_start * d, self.kv_size, f"{shard_id}_proj")
         else:
             raise ValueError(f"qkv shard id must be 'q', 'k' or 'v', got {shard_id!r}")
-        _copy_checked(dst, src, f"qkv shard {shard_id}")
+        if not self._stage(param, offset, src, f"qkv shard {shard_id}"):
+            _copy_checked(param.data.narrow(0, offset, size), src, f"qkv shard {shard_id}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_PackableLinear):
     def __init__(
         self,
         input_size: int,
@@ -169,10 +236,11 @@ class RowParallelLinear(nn.Module):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         n = self.input_size_per_partition
         src = _narrow(loaded, 1, n * self.tp.size, self.tp.rank * n, n, "row-parallel weight")
-        _copy_checked(param.data, src, "row-parallel weight")
+        if not self._stage(param, 0, src, "row-parallel weight"):
+            _copy_checked(param.data, src, "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = all_reduce(F.linear(x, self.weight), self.tp)
+            return self._matmul(x, self.bias)
+        out = all_reduce(self._matmul(x, None), self.tp)
         return out if self.bias is None else out + self.bias

@@ -173,13 +173,22 @@ def test_transformers4_style_configs():
     assert args.sliding_window == 4096 and not args.qkv_bias
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_dtype("auto", SimpleNamespace(torch_dtype="bfloat16"), cpu) == torch.bfloat16
-    assert resolve_dtype("auto", SimpleNamespace(dtype=torch.float16), cpu) == torch.float32
+    avx2, avx512_bf16, amx = {"avx2"}, {"avx2", "avx512f", "avx512_bf16"}, {"amx_bf16", "amx_tile"}
+    # CPU auto: bfloat16 exactly where the CPU multiplies it natively, whatever the config says.
+    configs = [SimpleNamespace(torch_dtype="bfloat16"), SimpleNamespace(dtype=torch.float16)]
+    configs.append(SimpleNamespace())
+    for config in configs:
+        assert resolve_dtype("auto", config, cpu, avx2) == torch.float32
+        assert resolve_dtype("auto", config, cpu, avx512_bf16) == torch.bfloat16
+        assert resolve_dtype("auto", config, cpu, amx) == torch.bfloat16
+    with caplog.at_level("INFO"):
+        resolve_dtype("auto", SimpleNamespace(), cpu, avx512_bf16)
+    assert "bfloat16 (the CPU multiplies bfloat16 natively: avx512_bf16)" in caplog.text
     assert resolve_dtype("auto", SimpleNamespace(dtype=torch.float16), cuda) == torch.float16
-    assert resolve_dtype("auto", SimpleNamespace(), cpu) == torch.float32
     assert resolve_dtype("float16", SimpleNamespace(dtype="bfloat16"), cpu) == torch.float16
+    assert resolve_dtype("float32", SimpleNamespace(dtype="bfloat16"), cpu, avx512_bf16) == torch.float32
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
