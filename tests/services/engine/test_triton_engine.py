@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 33]]
 
 
-def run(path, backend: str, **kw) -> list[list[int]]:
+def run(path, backend: str, stats: list | None = None, prompts=PROMPTS, **kw) -> list[list[int]]:
     # A fixed cache size: on a GPU, parallel test workers must not each claim 90% of memory.
     llm = LLM(
         str(path),
@@ -28,10 +28,12 @@ def run(path, backend: str, **kw) -> list[list[int]]:
     )
     assert type(llm.engine.runner.attn_backend).__name__.lower().startswith(backend)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    first = llm.generate(PROMPTS, params)
+    first = llm.generate(prompts, params)
     # Same prompts again: with prefix caching on, these extend over cached blocks.
-    again = llm.generate(PROMPTS, params)
+    again = llm.generate(prompts, params)
     assert llm.engine.stats().kv_cache_usage == 0.0
+    if stats is not None:
+        stats.append(llm.engine.stats())
     return [o.token_ids for o in first + again]
 
 
@@ -41,3 +43,22 @@ def test_triton_backend_matches_torch(tmp_path, block_size):
     # An 8-token budget splits the 9-token prompt into chunks: prefill + extend + decode mixed.
     kw = dict(block_size=block_size, max_num_batched_tokens=8, enable_prefix_caching=True)
     assert run(path, "triton", **kw) == run(path, "torch", **kw)
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_speculative_verification_on_the_triton_backend_matches_torch(tmp_path, spec):
+    """Verification batches (a pending token + drafts, an extend over paged KV) and a draft
+    model's catch-up and decode steps through the Triton kernels."""
+    path = make_tiny_model("llama", tmp_path / "m")
+    if spec == "ngram":
+        config = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    else:
+        config = {"model": str(make_tiny_model("llama", tmp_path / "d", seed=1)), "num_speculative_tokens": 3}
+    kw = dict(block_size=4, max_num_batched_tokens=32)
+    stats: list = []
+    # Every token of the vocabulary is in this prompt: a 1-gram lookup always finds a draft
+    # (a draft model always drafts).
+    prompts = PROMPTS + [list(range(256))] if spec == "ngram" else PROMPTS
+    got = run(path, "triton", stats, prompts, speculative_config=config, **kw)
+    assert got == run(path, "torch", prompts=prompts, **kw)
+    assert stats[0].spec_decode.num_draft_tokens > 0
