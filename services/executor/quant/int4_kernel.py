@@ -67,7 +67,7 @@ class Int4Matmul:
             self.parts.append((packed, scale_zero))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels need contiguous rows
         out = None
         for packed, scale_zero in self.parts:
             y = torch._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scale_zero)

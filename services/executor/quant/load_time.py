@@ -44,7 +44,7 @@ class Int8Matmul:
         return self.q.float() * self.scale.float().unsqueeze(1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels need contiguous rows
         return torch._weight_int8pack_mm(flat, self.q, self.scale).reshape(*x.shape[:-1], self.rows)
 
     def nbytes(self) -> int:
