@@ -10,6 +10,7 @@ a message naming it, not later inside the model code.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING
 from .bundled import BUNDLED_MODELS, bundled_gguf_path
 from .cache_dir import default_cache_dir
 from .errors import ModelSourceError
-from .gguf_cache import cached_gguf_folder
+from .gguf_cache import cached_folder_path, cached_gguf_folder
+from .gguf_convert import MARKER_FILE
 from .hf_folder import check_architecture, check_weights, load_config
 
 if TYPE_CHECKING:
@@ -69,7 +71,7 @@ def _locate(
         if load_format == "gguf":
             gguf = _single_gguf(path)
             return cached_gguf_folder(gguf, cache_root), gguf
-        return path.resolve(), None
+        return path.resolve(), _converted_from(path.resolve())
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return cached_gguf_folder(path.resolve(), cache_root), path.resolve()
@@ -83,6 +85,19 @@ def _locate(
     if load_format == "gguf":
         raise ModelSourceError(f"GGUF file {model} does not exist")
     return _from_hub(model, download_dir, with_weights=load_format != "dummy"), None
+
+
+def _converted_from(folder: Path) -> Path | None:
+    """The GGUF a cached conversion folder was made from, while that file is unchanged:
+    `folio serve` resolves once and hands its children the folder, and the packed weights
+    are read from the GGUF itself."""
+    try:
+        source = Path(json.loads((folder / MARKER_FILE).read_text())["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if source.is_file() and folder.name == cached_folder_path(source, folder.parent.parent).name:
+        return source
+    return None
 
 
 def _single_gguf(folder: Path) -> Path:

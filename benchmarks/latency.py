@@ -1,0 +1,152 @@
+"""Output tokens/s at one stream and at many, for quantized and dense weights, same run.
+
+    python benchmarks/latency.py                          # `folio serve`, concurrency 1 and 64
+    python benchmarks/latency.py --mode inprocess         # services.engine.LLM, no server
+    python benchmarks/latency.py --variants packed,bf16   # a subset
+
+Variants (the model is the bundled SmolLM2 Q4_1 GGUF unless MODEL is given):
+
+    packed   the default: --quantization and --dtype left to folio (on a CPU with native
+             bfloat16: bfloat16, packed GGUF weights for small batches, a dense copy above)
+    gguf     --quantization gguf --dtype bfloat16: packed weights only, at every batch size
+    bf16     --quantization none --dtype bfloat16: the dequantized dense weights
+    fp32     --quantization none --dtype float32
+
+Every variant runs the same random token-id prompts (--input-len tokens, --output-len
+tokens out, ignore_eos): --num-prompts-1 requests one at a time, then --num-prompts-64
+with 64 in flight (--concurrencies changes the levels). One server at a time, started and
+stopped here (serve.py's launcher), so variants never share the CPU. The CPU model and its
+bf16 flags are printed with the figures: they change the ranking.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any torch import
+
+import argparse
+import asyncio
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serve import (  # noqa: E402
+    DEFAULT_MODEL,
+    _served_model,
+    random_prompts,
+    report,
+    run_inprocess,
+    run_load,
+    start_server,
+    stop_server,
+)
+from shared.cli_args import add_engine_args, model_from_args  # noqa: E402
+
+VARIANTS = {
+    "packed": {},
+    "gguf": {"quantization": "gguf", "dtype": "bfloat16"},
+    "bf16": {"quantization": "none", "dtype": "bfloat16"},
+    "fp32": {"quantization": "none", "dtype": "float32"},
+}
+
+
+def cpu_name() -> str:
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
+    return f"{model}, {_os.cpu_count()} cores, {'/'.join(bf16)}"
+
+
+def run_variant(args, name: str, prompts: dict[int, list[list[int]]]) -> dict[int, dict]:
+    vargs = copy.copy(args)
+    for k, v in VARIANTS[name].items():
+        setattr(vargs, k, v)
+    out: dict[int, dict] = {}
+    if args.mode == "inprocess":
+        for c, ps in prompts.items():
+            vargs.concurrency = c
+            tokens, seconds = run_inprocess(vargs, ps)
+            out[c] = {"output_tokens": tokens, "duration_s": seconds, "output_tokens_per_s": tokens / seconds}
+        return out
+    proc, url = start_server(vargs, ROOT)
+    try:
+        served = _served_model(url, args.api_key)
+        for c, ps in prompts.items():
+            vargs.concurrency = c
+            results, seconds = asyncio.run(run_load(vargs, url, served, ps))
+            out[c] = report(results, seconds)
+    finally:
+        stop_server(proc)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("serve", "inprocess"), default="serve")
+    ap.add_argument("--variants", default="packed,gguf,bf16,fp32")
+    ap.add_argument("--concurrencies", default="1,64")
+    ap.add_argument("--num-prompts-1", type=int, default=4, help="requests at concurrency 1")
+    ap.add_argument("--num-prompts-64", type=int, default=64, help="requests at other levels")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--server-log", action="store_true")
+    ap.add_argument("--json", dest="json_out", help="write the results here as JSON")
+    add_engine_args(ap, model_positional=True)
+    args = ap.parse_args(argv)
+    args.request_rate, args.served_model = None, None
+    args.seed = args.seed or 0
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    levels = [int(c) for c in args.concurrencies.split(",")]
+
+    from services.executor.loader import load_tokenizer, resolve_model
+
+    model = model_from_args(args, DEFAULT_MODEL)
+    tok = load_tokenizer(resolve_model(model, load_format="dummy").path)
+    most = max(args.num_prompts_1, args.num_prompts_64)
+    pool = random_prompts(tok, most, args.input_len, args.seed)
+    prompts = {c: pool[: args.num_prompts_1 if c == 1 else args.num_prompts_64] for c in levels}
+
+    cpu = cpu_name()
+    print(f"CPU: {cpu}; load before: {_os.getloadavg()[0]:.2f}; model {model}; mode {args.mode}", flush=True)
+    results: dict[str, dict[int, dict]] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = run_variant(args, name, prompts)
+        print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    print(f"\nout tok/s, {args.input_len} in / {args.output_len} out per request; CPU: {cpu}")
+    head = "| variant | " + " | ".join(f"c={c} out tok/s" for c in levels)
+    head += " | " + " | ".join(f"c={c} ITL p50 ms" for c in levels if args.mode == "serve") + " |"
+    print(head.replace(" |  |", " |"))
+    for name, by_level in results.items():
+        cells = [f"{by_level[c]['output_tokens_per_s']:.1f}" for c in levels]
+        if args.mode == "serve":
+            cells += [f"{by_level[c]['itl_p50_ms']:.1f}" for c in levels]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"cpu": cpu, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
