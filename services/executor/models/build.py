@@ -34,8 +34,14 @@ def build_model(
     tp_size: int = 1,
     tp_group: object | None = None,
     tp_shm: ShmAllReduce | None = None,
+    draft: bool = False,
 ) -> torch.nn.Module:
-    spec, why = choose_quantization(config.quantization, config.dtype, resolved.gguf_path, dtype, device)
+    """`draft`: a speculative draft model, which shares the target's config: an explicit
+    --quantization gguf then packs the draft only if it is a GGUF too (dense otherwise)."""
+    requested = config.quantization
+    if draft and requested == "gguf" and resolved.gguf_path is None:
+        requested = None
+    spec, why = choose_quantization(requested, config.dtype, resolved.gguf_path, dtype, device)
     model = get_model_class(resolved.architecture)(
         resolved.hf_config,
         max_model_len=max_model_len,
@@ -61,5 +67,5 @@ def build_model(
                 if finalize is not None:
                     finalize(spec)
     if tp_rank == 0:
-        log.info("weights: %s (%s)", spec.method, why)
+        log.info("%sweights: %s (%s)", "draft model " if draft else "", spec.method, why)
     return model
