@@ -57,7 +57,8 @@ def build_model(
         model.init_dummy_weights(config.seed)
     elif spec.method == "gguf":
         assert resolved.gguf_path is not None
-        model.load_weights(iter_gguf_weights(resolved.gguf_path))
+        args = model.args
+        model.load_weights(iter_gguf_weights(resolved.gguf_path, args.num_heads, args.num_kv_heads))
     else:
         model.load_weights(iter_weights(resolved.path))
     if spec.method != "none":

@@ -72,9 +72,9 @@ def smollm2():
 def test_smollm2_q4_1_agrees_with_dense_float32(smollm2):
     """Measured on 6 passages of 256 tokens (docs, README, design notes): packed bfloat16
     agreed with dense float32 on 0.930-0.961 of positions, dense bfloat16 (same weights,
-    no packing) on 0.957-0.977; on this passage (191 tokens) 0.979 and 0.974. The gap is bfloat16 scales: the kernel wants them in the
-    activation dtype, and Q4_1's fp16 scales lose 3 bits there. 0.90 leaves room for
-    another CPU's summation order; a wrong scale, zero or row order scores below 0.5."""
+    no packing) on 0.957-0.977; on this passage (191 tokens) 0.979 and 0.974. The gap is
+    bfloat16 scales: the kernel wants them in the activation dtype, and Q4_1's fp16
+    scales lose 3 bits there. 0.90 leaves room for another CPU's summation order."""
     ids = load_tokenizer(smollm2.path)(PASSAGE)["input_ids"]
     assert len(ids) > 180
     reference = prefill(build(smollm2, "none", torch.float32), ids)
