@@ -17,6 +17,12 @@ tokens out, ignore_eos): --num-prompts-1 requests one at a time, then --num-prom
 with 64 in flight (--concurrencies changes the levels). One server at a time, started and
 stopped here (serve.py's launcher), so variants never share the CPU. The CPU model and its
 bf16 flags are printed with the figures: they change the ranking.
+
+    python benchmarks/latency.py --matmul-sweep
+
+times only the matmuls of one SmolLM2-shaped decoder stack (30 layers: qkv, o, gate/up,
+down) at 1..64 rows: torch's int4 kernel (groups of 32) against dense bfloat16 and
+float32, the measurement behind quant/choose.py's 8-row switch to the dense copy.
 """
 
 from __future__ import annotations
@@ -94,6 +100,43 @@ def run_variant(args, name: str, prompts: dict[int, list[list[int]]]) -> dict[in
     return out
 
 
+def matmul_sweep(rows_list=(1, 2, 4, 8, 16, 32, 64), layers: int = 30, reps: int = 5) -> None:
+    import torch
+
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M
+    gen = torch.Generator().manual_seed(0)
+    int4 = []
+    for n, k in shapes:
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        int4.append((packed, torch.rand(k // 32, n, 2, generator=gen), k))
+    dense = [torch.randn(n, k, generator=gen) for n, k in shapes]
+
+    def timed(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    def int4_stack(xs, sz):
+        return [torch._weight_int4pack_mm_for_cpu(xs[k], w, 32, s) for _ in range(layers) for w, s, k in sz]
+
+    def dense_stack(xs, ws):
+        return [torch.nn.functional.linear(xs[w.shape[1]], w) for _ in range(layers) for w in ws]
+
+    print(f"ms for {layers} layers of matmuls; CPU: {cpu_name()}")
+    print("| rows | int4 bf16 | dense bf16 | int4 fp32 | dense fp32 |")
+    for m in rows_list:
+        cells = []
+        for dtype in (torch.bfloat16, torch.float32):
+            xs = {k: torch.randn(m, k, dtype=dtype) for _, _, k in int4}
+            sz = [(w, s.to(dtype), k) for w, s, k in int4]
+            ws = [w.to(dtype) for w in dense]
+            cells += [timed(lambda: int4_stack(xs, sz)), timed(lambda: dense_stack(xs, ws))]  # noqa: B023
+        print(f"| {m} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("serve", "inprocess"), default="serve")
@@ -108,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--server-log", action="store_true")
     ap.add_argument("--json", dest="json_out", help="write the results here as JSON")
+    ap.add_argument("--matmul-sweep", action="store_true", help="time the matmuls only (see above)")
     add_engine_args(ap, model_positional=True)
     args = ap.parse_args(argv)
+    if args.matmul_sweep:
+        matmul_sweep()
+        return 0
     args.request_rate, args.served_model = None, None
     args.seed = args.seed or 0
     names = [v for v in args.variants.split(",") if v]
