@@ -73,6 +73,11 @@ def run_server(*extra_args: str, api_key: str = API_KEY):
         str(MAX_MODEL_LEN),
         "--api-key",
         api_key,
+        # The dense float32 model: tests here compare against transformers and the in-process
+        # engine in float32 (`dtype=auto` would pick bfloat16 and packed weights on CPUs with
+        # native bf16, which are not batch-invariant).
+        "--dtype",
+        "float32",
         *extra_args,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

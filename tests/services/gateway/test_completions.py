@@ -135,7 +135,7 @@ def test_greedy_output_equals_in_process_engine(client, server):
         client.completions.create(model=server.model, prompt=p, max_tokens=24, temperature=0).choices[0]
         for p in prompts
     ]
-    llm = LLM(server.model, max_model_len=1024)
+    llm = LLM(server.model, max_model_len=1024, dtype="float32")  # as the server (conftest)
     local = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
     for s, lo in zip(server_out, local, strict=True):
         assert s.text == lo.outputs[0].text
