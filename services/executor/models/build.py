@@ -67,6 +67,41 @@ def build_model(
                 finalize = getattr(module, "finalize_weights", None)
                 if finalize is not None:
                     finalize(spec)
+            for module in model.modules():
+                # An embedding that kept dense rows looks up those; its codes were only
+                # needed to build a tied LM head.
+                dense_rows = getattr(module, "weight", None) is not None
+                if dense_rows and getattr(module, "qweight", None) is not None:
+                    module.qweight = None
     if tp_rank == 0:
-        log.info("%sweights: %s (%s)", "draft model " if draft else "", spec.method, why)
+        log.info(
+            "%sweights: %s, %.0f MB on this rank (%s)",
+            "draft model " if draft else "", spec.method, weight_bytes(model) / 1e6, why,
+        )  # fmt: skip
     return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights held: parameters, packed kernels, dense copies and codes (each once)."""
+    seen: set[tuple[int, int]] = set()  # by storage: a tied head's dense copy is the embedding's
+    total = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        if (t.data_ptr(), t.numel()) not in seen:
+            seen.add((t.data_ptr(), t.numel()))
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        add(p)
+    for module in model.modules():
+        packed = getattr(module, "packed", None)
+        if packed is not None:
+            total += sum(k.nbytes() for k in packed.kernels)
+            if packed.dense is not None:
+                add(packed.dense)
+        codes = getattr(module, "qweight", None)
+        if codes is not None:
+            for t in (codes.codes, codes.scale, codes.min):
+                add(t)
+    return total
