@@ -42,9 +42,10 @@ def choose_quantization(
     if requested == "gguf":
         if gguf_path is None:
             raise ConfigError("quantization: gguf needs a GGUF model (a .gguf file or a bundled name)")
-        return QuantSpec("gguf", dtype), f"--quantization gguf: packed {_types(gguf_path)}"
+        return QuantSpec("gguf", dtype), f"--quantization gguf: packed {_types(gguf_path)}{_slow(dtype)}"
     if requested in ("int8", "int4"):
-        return QuantSpec(requested, dtype), f"--quantization {requested}: weight-only, quantized at load"
+        why = f"--quantization {requested}: weight-only, quantized at load{_slow(dtype)}"
+        return QuantSpec(requested, dtype), why
     if requested == "none":
         return QuantSpec("none", dtype), "--quantization none: dense weights"
     # Default: per model.
@@ -66,6 +67,13 @@ def choose_quantization(
         f"packed {_types(gguf_path)} for matmuls of <= {DENSE_ABOVE_ROWS} rows (int4 kernel, faster "
         f"than dense bfloat16 there), a dense bfloat16 copy above"
     )
+
+
+def _slow(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16:
+        return ""
+    name = str(dtype).removeprefix("torch.")
+    return f"; NOTE {name} activations run torch's int4/int8 kernels ~10x slower than bfloat16"
 
 
 def _types(gguf_path: Path) -> str:
