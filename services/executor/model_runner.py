@@ -36,11 +36,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from services.executor.attention import AttentionMetadata, get_attention_backend
 from services.executor.cuda_graphs import DecodeGraphs, graph_sizes
@@ -178,7 +180,8 @@ class ModelRunner:
         a failure before the forward is agreed on and returned as the step's error."""
         failure = None
         try:
-            inputs = self._apply(plan)
+            with record_function("folio::prepare"):
+                inputs = self._apply(plan)
         except Exception as e:
             if self.tp.size == 1:
                 raise
@@ -232,15 +235,24 @@ class ModelRunner:
         return [r for r, f in enumerate(flags.tolist()) if f]
 
     def _forward_and_sample(self, step_id: int, inputs: ModelInputs) -> StepResult:
+        started = time.perf_counter()
         graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(inputs.meta):
-            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        with record_function("folio::forward"):
+            if graphs is not None and graphs.can_run(inputs.meta):
+                hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         requests = inputs.sampling_requests
         if not requests:  # only mid-prompt chunks this step
             return StepResult(step_id=step_id)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # None on ranks > 0
+        with record_function("folio::logits"):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # None on ranks > 0
+        with record_function("folio::sample"):
+            sampled = self._sample(logits, requests)
+        with record_function("folio::finish"):
+            return self._finish(step_id, started, inputs, requests, sampled)
+
+    def _sample(self, logits: torch.Tensor | None, requests: list[RequestState]) -> list[Verified]:
         sampled: list[Verified] = []
         if logits is not None:  # rank 0 samples, once, for all ranks
             if self.speculator is not None:
@@ -251,6 +263,21 @@ class ModelRunner:
                     Verified([t], 0, [] if lp is None else [lp])
                     for t, lp in zip(out.token_ids, out.logprobs, strict=True)
                 ]
+        return sampled
+
+    def _finish(
+        self,
+        step_id: int,
+        started: float,
+        inputs: ModelInputs,
+        requests: list[RequestState],
+        sampled: list[Verified],
+    ) -> StepResult:
+        """Append the step's tokens, decide finishes, propose the next drafts."""
+        if self.speculator is not None and sampled:  # the host has the tokens: the step is done
+            self.speculator.record_step(
+                inputs.meta.num_tokens, inputs.meta.max_query_len, time.perf_counter() - started
+            )
         token_ids = [v.token_ids for v in sampled]
         if self.tp.size > 1:
             # Every rank keeps its request state in sync: the next plan will not carry these.

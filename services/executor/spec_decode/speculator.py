@@ -4,9 +4,12 @@ rank 0 samples for all, as without speculation).
 
     step with drafts ─▶ sample(): requests without drafts ─▶ the plain sampler (one row each)
                                   requests with drafts    ─▶ verify() (1 + k rows each)
-    after the step   ─▶ propose(): back-off picks each request's draft length, capped so
-                        that accepted drafts + the bonus token never pass max_tokens or
-                        max_model_len; the n-gram or draft-model proposer fills it
+    after the step   ─▶ propose(): back-off picks each request's draft length from its
+                        acceptance and what a row costs in this batch (step_cost.py,
+                        fitted to the decode steps' times, given by the runner through
+                        record_step), capped so that accepted drafts + the bonus token
+                        never pass max_tokens or max_model_len; the n-gram or
+                        draft-model proposer fills it
 
 Seeded requests stay reproducible run to run, but with speculation their tokens can
 depend on how many drafts the token budget let through (as in vLLM); greedy outputs
@@ -23,6 +26,7 @@ from services.executor.input_batch import RequestState
 from services.executor.sampler import Sampler
 from services.executor.spec_decode.backoff import DraftBackoff
 from services.executor.spec_decode.ngram import NgramProposer
+from services.executor.spec_decode.step_cost import StepCost
 from services.executor.spec_decode.verify import Verified, verify
 from shared.speculative_config import SpeculativeConfig
 
@@ -33,6 +37,8 @@ class Speculator:
         self.spec = spec
         self.max_model_len = max_model_len
         self.backoff = DraftBackoff(spec.num_speculative_tokens, spec.backoff)
+        self.cost = StepCost()
+        self._last_rows = 0
         self.draft_model = draft_model
         self.ngram = (
             None if spec.uses_draft_model else NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
@@ -75,15 +81,23 @@ class Speculator:
                 out[i] = v
         return out  # type: ignore[return-value]
 
+    def record_step(self, num_tokens: int, max_query_len: int, seconds: float) -> None:
+        """A step's forward-and-sample time; only decode steps (every request computes its
+        pending token and its drafts, no prompt chunk) fit the per-row cost."""
+        if max_query_len <= 1 + self.spec.num_speculative_tokens:
+            self.cost.record(num_tokens, seconds)
+            self._last_rows = num_tokens
+
     def propose(self, requests: Sequence[RequestState]) -> list[list[int]]:
         """Drafts for each request's next step ([] for a request that finished)."""
-        limits = [self._limit(r) for r in requests]
+        threshold = self.cost.draft_threshold(len(requests), max(self._last_rows, len(requests)))
+        limits = [self._limit(r, threshold) for r in requests]
         if self.draft_model is not None:
             return self.draft_model.propose(requests, limits)
         return [self.ngram.propose_one(r.token_ids, k) for r, k in zip(requests, limits, strict=True)]
 
-    def _limit(self, r: RequestState) -> int:
-        k = self.backoff.num_drafts(r.req_id)
+    def _limit(self, r: RequestState, threshold: float) -> int:
+        k = self.backoff.num_drafts(r.req_id, threshold)
         # Verification scores positions len-1 … len-1+k: all must be < max_model_len.
         k = min(k, self.max_model_len - len(r.token_ids))
         max_tokens = r.sampling.params.max_tokens
