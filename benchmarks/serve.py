@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import os as _os
 
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any torch import
+from shared.openmp import OPENMP_ENV  # folio is installed
+
+_os.environ.update({**OPENMP_ENV, **_os.environ})  # before torch loads (shared/openmp.py)
 
 import argparse
 import asyncio

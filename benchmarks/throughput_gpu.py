@@ -24,7 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
+from shared.openmp import OPENMP_ENV  # folio is installed
+
+os.environ.update({**OPENMP_ENV, **os.environ})  # before torch loads (shared/openmp.py)
 
 import torch  # noqa: E402
 

@@ -26,10 +26,9 @@ from shared.cli_args import (
     add_telemetry_args,
     engine_config_from_args,
 )
+from shared.openmp import set_openmp_waits
 
-# Passive OpenMP waits: busy-waiting threads of one service (or of a client on the same
-# host) stall the others' torch ops badly on small machines. torch reads it when it loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_openmp_waits()  # before torch loads (shared/openmp.py says why)
 
 log = logging.getLogger("folio")
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from shared.openmp import set_openmp_waits
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Passive OpenMP waits: with busy-waiting, two torch processes on 2 cores (pytest and a
-# server it started) stall each other by 10x or more. Read when torch loads, so set it first.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Bounded OpenMP spinning (shared/openmp.py): read when torch loads, so set it first.
+set_openmp_waits()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FOLIO_CACHE_DIR", str(REPO_ROOT / ".folio-cache"))

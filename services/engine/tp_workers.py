@@ -11,8 +11,9 @@ watching that the workers live: a worker that cannot even start is reported at o
 instead of after the group's timeout). A plan with `shutdown=True` (or the pipe closing,
 when this process dies) ends a worker.
 
-Threads: each rank runs `threads_per_rank` torch threads (OMP_WAIT_POLICY=PASSIVE, so ranks
-sharing cores do not stall each other spinning), and rank 0 sets the same for this process.
+Threads: each rank runs `threads_per_rank` torch threads (with shared/openmp.py's bounded
+OpenMP spinning, so ranks sharing cores do not stall each other spinning), and rank 0
+sets the same thread count for this process.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import msgspec
 import torch
 
 from shared.config import EngineConfig
+from shared.openmp import OPENMP_ENV
 from shared.protocol import StepPlan, encode
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class TPWorkers:
         self._conns: list[Connection] = []
         # A spawned child starts from this process's environment: set what must be in place
         # before the child imports torch, just for the start.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads_per_rank)}
+        env = {**OPENMP_ENV, "OMP_NUM_THREADS": str(threads_per_rank)}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
