@@ -66,19 +66,33 @@ class RotaryEmbedding(nn.Module):
             from services.executor.kernels.rotary import apply_rotary_
 
             self._kernel = apply_rotary_
+        self._step_cos = self._step_sin = None
+
+    def prepare(self, positions: torch.Tensor) -> None:
+        """Index the table once per forward (every layer rotates at the same positions)."""
+        if self._kernel is None:
+            self._step_cos = self.cos[positions].unsqueeze(1)
+            self._step_sin = self.sin[positions].unsqueeze(1)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim) -> rotated.
 
-        The fused kernel (CUDA) rotates q and k in place and returns them; torch returns copies."""
+        The fused kernel (CUDA) rotates q and k in place and returns them; torch returns copies
+        (of the table rows `prepare` picked for this forward's positions)."""
         if self._kernel is not None:
             self._kernel(q, k, self.cos, self.sin, positions)
             return q, k
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.rotate(q), self.rotate(k)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, heads, head_dim) rotated at this forward's positions, torch ops (a copy)."""
+        return _rotate(x, self._step_cos, self._step_sin)
+
+    @property
+    def in_place(self) -> bool:
+        return self._kernel is not None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

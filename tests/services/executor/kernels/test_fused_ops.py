@@ -94,6 +94,7 @@ def test_rotary_in_place_on_qkv_views(device, dtype, heads, kv_heads, head_dim) 
         k = t[:, q_size : q_size + kv_size].view(tokens, kv_heads, head_dim)
         return q, k
 
+    rope.prepare(positions)
     expected_q, expected_k = rope(positions, *split(qkv))
     dev_qkv = qkv.to(device, copy=True)
     q, k = split(dev_qkv)
