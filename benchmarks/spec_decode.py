@@ -14,7 +14,10 @@ Two prompt sets, rendered with the model's chat template (`LLM.render_chat`):
 Every configuration runs in-process (`services.engine.LLM`): one engine without speculation
 (the baseline) and one per method, all loaded up front and run one after another on each
 (prompt set, concurrency), so a noisy machine hits them alike. Concurrency c keeps at most
-c requests in flight (c=1: one request at a time; c >= prompts: one batch). Greedy
+c requests in flight (c=1: one request at a time; c >= prompts: one closed batch, whose wall
+time is that of its longest request, so drafts that end other requests early buy nothing;
+`--rounds N` queues every prompt N times, so finished requests are replaced as in a server
+under steady load, prefix-cache hits alike for every engine). Greedy
 (temperature 0), EOS honoured (`--ignore-eos` to always generate --max-tokens). Each engine
 has prefix caching on, as by default; all run the same sequence of prompts, so every one
 sees the same cache state.
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-sets", default="copy,random", help="comma-separated: copy, random")
     ap.add_argument("--num-prompts", type=int, default=16, help="prompts per set (at most 16)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1, help="each prompt queued this many times")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per method and configuration, alternating; the median is reported")
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "prompts_per_set": args.num_prompts,
+        "rounds": args.rounds,
         "max_tokens": args.max_tokens,
         "ignore_eos": args.ignore_eos,
         "speculative_configs": configs,
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_llm = engines["none"]
     prompts = {s: [base_llm.render_chat([{"role": "user", "content": p}])
-                   for p in PROMPT_SETS[s]()[: args.num_prompts]] for s in sets}
+                   for p in PROMPT_SETS[s]()[: args.num_prompts]] * args.rounds for s in sets}
     for s in sets:
         lens = [len(p) for p in prompts[s]]
         print(f"set {s}: {len(lens)} prompts, {min(lens)}-{max(lens)} prompt tokens", flush=True)

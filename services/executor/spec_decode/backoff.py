@@ -12,8 +12,8 @@ beats the step's threshold (step_cost.py: the row's cost against the tokens the 
 emits; near 0 when decoding is memory-bound, high for a big CPU batch), and never below
 a floor of 0.1. So the draft length is the largest i <= num_speculative_tokens with
 alpha^i above both. A request whose length comes out 0 drafts nothing for a cool-down
-of 4 steps, doubled each time it happens again (up to 64), then probes once with
-half of num_speculative_tokens (at least 1) to re-measure.
+of 4 steps, doubled each time it happens again (up to 64), then probes once with a
+single draft to re-measure (one row: in a big CPU batch even probes cost).
 
 A step where the proposer found nothing to draft changes nothing. With back-off off,
 every request always gets num_speculative_tokens.
@@ -61,7 +61,7 @@ class DraftBackoff:
                 t.probe = True
             return 0
         if t.probe:
-            return max(1, self.k // 2)
+            return 1
         bar = max(threshold, _FLOOR)
         n, p = 0, t.alpha
         while n < self.k and p > bar:

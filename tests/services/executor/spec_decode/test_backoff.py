@@ -36,11 +36,11 @@ def test_nothing_worth_drafting_cools_down_with_growing_pauses_then_probes():
     b.record("a", 4, 0)  # alpha = 0.2 / 1.75 = 0.114: one draft still passes the floor
     assert b.num_drafts("a") == 1
     b.record("a", 1, 0)  # 0.1 / 1.875 = 0.053
-    # this step and 3 more without drafts, then a probe at half length
-    assert [b.num_drafts("a") for _ in range(5)] == [0, 0, 0, 0, 2]
-    b.record("a", 2, 0)  # still rejected: twice as long
-    assert [b.num_drafts("a") for _ in range(9)] == [0] * 8 + [2]
-    b.record("a", 2, 2)
+    # this step and 3 more without drafts, then a probe of one draft
+    assert [b.num_drafts("a") for _ in range(5)] == [0, 0, 0, 0, 1]
+    b.record("a", 1, 0)  # still rejected: twice as long
+    assert [b.num_drafts("a") for _ in range(9)] == [0] * 8 + [1]
+    b.record("a", 1, 1)
     b.record("a", 4, 4)  # predictable again: full length, pauses reset
     assert b.num_drafts("a") == 4 and b._tracks["a"].next_cooldown == 4
 

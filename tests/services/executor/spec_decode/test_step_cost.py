@@ -9,8 +9,10 @@ def test_fits_the_per_row_cost_of_varying_steps():
         c.record(rows, 0.050 + 0.002 * rows)
     assert c.row_seconds() == pytest.approx(0.002, rel=1e-6)
     assert c.step_seconds(16) == pytest.approx(0.082, rel=1e-6)
-    # 16 requests, 16 rows: one row costs 16 * 0.002 / 0.082 of a step's tokens
-    assert c.draft_threshold(16, 16) == pytest.approx(0.032 / 0.082, rel=1e-6)
+    # 16 requests, 16 rows: one row costs 16 * 0.002 / 0.082 of a step's tokens, and in a
+    # batch an accepted token is credited (2 - 1/16)^-1
+    assert c.draft_threshold(16, 16) == pytest.approx(0.032 / 0.082 * (2 - 1 / 16), rel=1e-6)
+    assert c.draft_threshold(1, 16) == pytest.approx(0.002 / 0.082, rel=1e-6)  # alone: full credit
 
 
 def test_unknown_until_the_rows_vary():
