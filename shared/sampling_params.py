@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from shared.structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -33,6 +35,8 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     include_stop_str_in_output: bool = False
     # {token id: bias} added to the logits before penalties and sampling (OpenAI's logit_bias).
     logit_bias: dict[int, float] = {}
+    # A grammar the output must follow (JSON schema, regex, choice, EBNF); see structured_outputs.py.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         err = self.validate()

@@ -21,8 +21,12 @@ def check_stop(
     params: SamplingParams,
     eos_token_ids: Sequence[int] | frozenset[int],
     max_model_len: int,
+    grammar_terminated: bool = False,
 ) -> FinishReason | None:
-    """Finish reason after the last token of `output_token_ids` was appended, or None."""
+    """Finish reason after the last token of `output_token_ids` was appended, or None.
+
+    `grammar_terminated`: the request's structured-output grammar accepted its end (a stop
+    token after a complete match), so nothing more may follow, even with ignore_eos."""
     n = len(output_token_ids)
     if n == 0:
         return None
@@ -32,6 +36,8 @@ def check_stop(
             return FinishReason.STOP
         if last in params.stop_token_ids:
             return FinishReason.STOP
+    if grammar_terminated:
+        return FinishReason.STOP
     if params.max_tokens is not None and n >= params.max_tokens:
         return FinishReason.LENGTH
     if num_prompt_tokens + n >= max_model_len:

@@ -4,5 +4,13 @@ from services.engine.engine_core import EngineCore
 from services.engine.llm import LLM
 from services.engine.outputs import CompletionOutput, RequestOutput
 from shared.sampling_params import SamplingParams
+from shared.structured_outputs import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "EngineCore", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "EngineCore",
+    "RequestOutput",
+    "CompletionOutput",
+]

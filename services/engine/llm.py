@@ -85,6 +85,10 @@ class LLM:
         bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"logit_bias: token id {bad} is out of vocabulary (vocab {vocab})")
+        if params.structured_outputs is not None:
+            why = params.structured_outputs.check()
+            if why is not None:
+                raise ValueError(why)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
         parent = RequestOutput(request_id, text, token_ids, outputs=[])

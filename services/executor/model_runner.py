@@ -49,7 +49,7 @@ from services.executor.cuda_graphs import DecodeGraphs, graph_sizes
 from services.executor.distributed import TPGroup
 from services.executor.input_batch import InputBatch, ModelInputs, RequestState
 from services.executor.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
-from services.executor.loader import ResolvedModel, resolve_model
+from services.executor.loader import ResolvedModel, load_tokenizer, resolve_model
 from services.executor.models.build import build_model
 from services.executor.models.model_config import ModelArgs, resolve_dtype
 from services.executor.models.parallel import TPInfo, all_reduce, broadcast_from_first
@@ -58,6 +58,8 @@ from services.executor.shm_allreduce import ShmAllReduce
 from services.executor.spec_decode.draft_model import DraftModelProposer
 from services.executor.spec_decode.speculator import Speculator
 from services.executor.spec_decode.verify import Verified
+from services.executor.structured.compiler import GrammarCache
+from services.executor.structured.matchers import GrammarMatchers
 from shared.config import ConfigError, EngineConfig
 from shared.protocol import StepPlan, StepResult
 from shared.stop import check_stop
@@ -151,6 +153,11 @@ class ModelRunner:
         self.generator = make_generator(config.seed, self.device)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, generator=self.generator)
         self.input_batch = InputBatch(self.block_size, self.device)
+        # Structured outputs: grammars live on rank 0, the rank that samples.
+        tokenizer = config.tokenizer or self.model_path
+        self.grammars = GrammarMatchers(
+            GrammarCache(lambda: load_tokenizer(tokenizer), self.vocab_size, self.eos_token_ids)
+        )
         spec_config = config.speculative()
         self.speculator = None
         if spec_config is not None:
@@ -212,6 +219,7 @@ class ModelRunner:
         batch = self.input_batch
         for req_id in plan.finished_req_ids:
             batch.remove(req_id)
+            self.grammars.remove(req_id)
             if self.speculator is not None:
                 self.speculator.remove(req_id)
         for new in plan.new_requests:
@@ -219,6 +227,8 @@ class ModelRunner:
             # from self.generator (seeded from config.seed).
             seed = new.sampling_params.seed
             state = batch.add(new, None if seed is None else make_generator(seed, self.device))
+            if self.tp.rank == 0:  # compiling starts now, overlapping the request's prefill
+                self.grammars.add(new.req_id, new.sampling_params, new.output_token_ids)
             if self.draft_model is not None:  # its prefix-cache hit is valid draft KV too
                 self.draft_model.add(state)
         for cached in plan.cached_requests:
@@ -255,6 +265,8 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor | None, requests: list[RequestState]) -> list[Verified]:
         sampled: list[Verified] = []
         if logits is not None:  # rank 0 samples, once, for all ranks
+            if self.grammars:
+                self._mask_grammars(logits, requests)
             if self.speculator is not None:
                 sampled = self.speculator.sample(self.sampler, logits, requests)
             else:
@@ -285,8 +297,10 @@ class ModelRunner:
         finish_reasons = []
         for request, tokens in zip(requests, token_ids, strict=True):
             code = 0
+            constrained = request.req_id in self.grammars
             for n, token_id in enumerate(tokens, 1):
                 request.append_token(token_id)
+                terminated = constrained and self.grammars.accept(request.req_id, token_id)
                 # The one place a token-level finish is decided (the scheduler applies it);
                 # inside an accepted run of drafts it cuts the run there.
                 reason = check_stop(
@@ -295,6 +309,7 @@ class ModelRunner:
                     request.sampling.params,
                     self.eos_token_ids,
                     self.max_model_len,
+                    grammar_terminated=terminated,
                 )
                 if reason is not None:
                     del tokens[n:]
@@ -313,12 +328,26 @@ class ModelRunner:
             result.num_accepted = [
                 min(v.num_accepted, len(t)) for v, t in zip(sampled, token_ids, strict=True)
             ]
-            live = [i for i, code in enumerate(finish_reasons) if not code]
+            # No drafts for constrained requests: their matchers never roll back.
+            live = [
+                i
+                for i, code in enumerate(finish_reasons)
+                if not code and requests[i].req_id not in self.grammars
+            ]
             drafts = self.speculator.propose([requests[i] for i in live])
             result.draft_token_ids = [[] for _ in requests]
             for i, d in zip(live, drafts, strict=True):
                 result.draft_token_ids[i] = d
         return result
+
+    def _mask_grammars(self, logits: torch.Tensor, requests: list[RequestState]) -> None:
+        """Mask the constrained requests' rows (each request has 1 + len(drafts) rows)."""
+        rows, row = [], 0
+        for r in requests:
+            if r.req_id in self.grammars:
+                rows.append((row, r.req_id))
+            row += 1 + len(r.spec_token_ids)
+        self.grammars.mask(logits, rows)
 
     def _broadcast_tokens(self, token_ids: list[list[int]], requests: list[RequestState]) -> list[list[int]]:
         """Rank 0's tokens of each request, on every rank: one (requests, 1 + max drafts)
