@@ -25,8 +25,17 @@ class StreamOptions(_Base):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Base):
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow a pydantic BaseModel attribute: stored under an alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Base):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _SamplingRequest(_Base):
@@ -51,6 +60,9 @@ class _SamplingRequest(_Base):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Output constraints (see structured.py); vLLM's guided_* fields ride in model_extra.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -78,7 +90,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -12,6 +12,7 @@ import msgspec
 
 from services.gateway.errors import BadRequestError
 from services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.structured import structured_outputs
 from shared.protocol import GenerateRequest
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -52,8 +53,6 @@ def check_openai_ranges(req: CompletionRequest | ChatCompletionRequest) -> None:
                 raise BadRequestError(
                     "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
                 )
-        if req.response_format is not None and req.response_format.type != "text":
-            raise BadRequestError("only response_format of type 'text' is supported.", "response_format")
     else:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise BadRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {req.logprobs}.", "logprobs")
@@ -150,6 +149,7 @@ def build_params(
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logit_bias": parse_logit_bias(req.logit_bias, vocab_size or 0) if req.logit_bias else None,
+        "structured_outputs": structured_outputs(req),
     }
     for k, v in (defaults or {}).items():
         if k != "max_tokens" and fields.get(k) is None:
