@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from services.gateway.chat import content_text, render_chat
-from services.gateway.generation import Generation, stream_usage_flags
+from services.gateway.generation import Choice, Generation, stream_usage_flags
 from services.gateway.openai_protocol import ChatCompletionRequest
 from services.gateway.requests import check_model, require_engine
 from services.gateway.sampling import (
@@ -20,6 +20,7 @@ from services.gateway.sampling import (
 )
 from services.gateway.sse import event, stream_response, with_disconnect_abort
 from services.gateway.state import GatewayState
+from services.gateway.tools import ToolPlan, tool_plan
 
 
 async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest, raw: Request) -> Response:
@@ -49,13 +50,15 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
         raw.headers.get("traceparent", ""),
     )
     echo = echo_text(req)
+    plan = tool_plan(req)
+    forced = plan if plan is not None and plan.forced else None
     await gen.start()
     if req.stream:
         include_usage, continuous_usage = stream_usage_flags(req.stream_options)
         return stream_response(
-            gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage, echo)
+            gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage, echo, forced)
         )
-    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k, echo))
+    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k, echo, forced))
 
 
 def echo_text(req: ChatCompletionRequest) -> str:
@@ -68,19 +71,33 @@ def echo_text(req: ChatCompletionRequest) -> str:
     return content_text(last, len(req.messages) - 1) if last.role == role else ""
 
 
-async def _full(state: GatewayState, gen: Generation, top_k: int | None, echo: str) -> Response:
+def _tool_calls(c: Choice, forced: ToolPlan | None) -> list[dict] | None:
+    """A forced call that completed (the grammar ended: "stop"), as message.tool_calls."""
+    if forced is None or c.finish_reason != "stop":
+        return None
+    return forced.calls(c.text)
+
+
+async def _full(
+    state: GatewayState, gen: Generation, top_k: int | None, echo: str, forced: ToolPlan | None
+) -> Response:
     while not gen.done:
         await gen.next_update()
-    choices = [
-        {
-            "index": c.index,
-            "message": {"role": "assistant", "content": echo + c.text},
-            "logprobs": None if top_k is None else {"content": state.logprobs.chat(c.logprobs, top_k)},
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
-        for c in gen.choices
-    ]
+    choices = []
+    for c in gen.choices:
+        calls = _tool_calls(c, forced)
+        message = {"role": "assistant", "content": echo + c.text}
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "logprobs": None if top_k is None else {"content": state.logprobs.chat(c.logprobs, top_k)},
+                "finish_reason": "tool_calls" if calls is not None else c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        )
     body = {
         "id": gen.request_id,
         "object": "chat.completion",
@@ -99,6 +116,7 @@ async def _stream(
     include_usage: bool,
     continuous_usage: bool,
     echo: str,
+    forced: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
     head = {
         "id": gen.request_id,
@@ -125,8 +143,13 @@ async def _stream(
         if u.text or u.finished or u.logprobs:
             c = u.choice
             lp = None if top_k is None else {"content": state.logprobs.chat(u.logprobs, top_k)}
-            delta = {"content": u.text} if u.text or not u.finished else {}
-            buf.append(chunk(c.index, delta, lp, c.finish_reason, c.stop_reason))
+            if forced is not None:
+                # A forced call is sent whole once its grammar has ended (its JSON is complete).
+                if u.finished or lp is not None:
+                    buf.append(_tool_chunk(chunk, c, forced, lp) if u.finished else chunk(c.index, {}, lp))
+            else:
+                delta = {"content": u.text} if u.text or not u.finished else {}
+                buf.append(chunk(c.index, delta, lp, c.finish_reason, c.stop_reason))
         if not gen.has_pending() and buf:
             yield b"".join(buf)
             buf.clear()
@@ -134,3 +157,13 @@ async def _stream(
         yield b"".join(buf)
     if include_usage:
         yield event({**head, "choices": [], "usage": gen.usage()})
+
+
+def _tool_chunk(chunk, c: Choice, forced: ToolPlan, lp) -> bytes:
+    """The finished choice's tool calls in OpenAI's delta shape (each with its index), or its
+    text when the call did not complete (cut by max_tokens)."""
+    calls = _tool_calls(c, forced)
+    if calls is None:
+        return chunk(c.index, {"content": c.text}, lp, c.finish_reason, c.stop_reason)
+    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    return chunk(c.index, delta, lp, "tool_calls", c.stop_reason)

@@ -32,15 +32,6 @@ def check_openai_ranges(req: CompletionRequest | ChatCompletionRequest) -> None:
     if req.seed is not None and not _INT64_MIN <= req.seed <= _INT64_MAX:
         raise BadRequestError("seed must fit in a signed 64-bit integer.", "seed")
     if isinstance(req, ChatCompletionRequest):
-        # Until tool calling exists, doing plain text instead would be a silent wrong answer.
-        if req.tools:
-            raise BadRequestError(
-                "tool calling is not supported yet: `tools` must be empty or absent.", "tools"
-            )
-        if req.tool_choice not in (None, "none"):
-            raise BadRequestError(
-                'tool calling is not supported yet: `tool_choice` must be "none" or absent.', "tool_choice"
-            )
         if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
             raise BadRequestError(
                 f"max_completion_tokens must be at least 1, got {req.max_completion_tokens}.",

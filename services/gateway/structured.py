@@ -5,7 +5,8 @@ Accepted spellings (one per request; two at once is a 400, never a silent pick):
   "json_schema": {"name", "schema", "strict"}}` (`text` means no constraint);
 - vLLM `structured_outputs`: `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`
   (plus `disable_any_whitespace`);
-- vLLM's older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
+- vLLM's older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`;
+- a forced tool call (`tool_choice` "required" or a named function: see tools.py).
 
 The spec's grammar is built here (xgrammar, no tokenizer: cheap), so an invalid schema,
 regex or grammar is a 400 before anything is queued or streamed.
@@ -17,6 +18,7 @@ import json
 
 from services.gateway.errors import BadRequestError
 from services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.tools import tool_plan
 from shared.structured_outputs import StructuredOutputsParams
 
 _GUIDED = {
@@ -29,7 +31,7 @@ _FIELDS = ("json", "json_object", "regex", "choice", "grammar", "disable_any_whi
 
 
 def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
-    found: list[tuple[str, dict]] = []
+    found: list[tuple[str, dict | StructuredOutputsParams]] = []
     rf = req.response_format
     if rf is not None and rf.type != "text":
         if rf.type == "json_object":
@@ -50,12 +52,21 @@ def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> Struct
     for name, field in _GUIDED.items():
         if extra.get(name) is not None:
             found.append((name, {field: extra[name]}))
+    if isinstance(req, ChatCompletionRequest):
+        plan = tool_plan(req)
+        if plan is not None and plan.forced:
+            found.append(("tool_choice", plan.constraint()))
     if not found:
         return None
     if len(found) > 1:
         names = ", ".join(n for n, _ in found)
         raise BadRequestError(f"only one output constraint may be given, got {names}.", found[1][0])
     param, spec = found[0]
+    if isinstance(spec, StructuredOutputsParams):  # a forced tool call's schema
+        why = spec.check()
+        if why is not None:
+            raise BadRequestError(f"a tool's parameters: {why}", "tools")
+        return spec
     if isinstance(spec.get("json"), dict | bool):
         spec["json"] = json.dumps(spec["json"])
     try:

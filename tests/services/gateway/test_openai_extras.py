@@ -1,4 +1,4 @@
-"""logit_bias, chat echo, suffix and tools through the OpenAI SDK against a real `folio serve`."""
+"""logit_bias, chat echo, suffix and unsupported tool requests through the OpenAI SDK (real `folio serve`)."""
 
 from __future__ import annotations
 
@@ -94,18 +94,28 @@ def test_suffix_is_a_clear_400(client, server):
     assert e.body["param"] == "suffix" and "suffix is not currently supported" in e.body["message"]
 
 
+F = {"type": "function", "function": {"name": "f", "parameters": {}}}
+
+
 @pytest.mark.parametrize(
-    "kw, param",
+    "kw, param, words",
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"tools": [F]}, "tool_choice", 'tool_choice "auto" is not supported yet'),
+        ({"tool_choice": "required"}, "tool_choice", "tool_choice needs `tools`"),
+        (
+            {"tools": [F], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+            "'g'",
+        ),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "tools[0] must be"),
     ],
 )
-def test_tools_are_a_400_until_tool_calling_exists(client, server, kw, param):
+def test_tool_requests_we_cannot_honour_are_400s(client, server, kw, param, words):
     e = _bad_request(
         lambda: client.chat.completions.create(model=server.model, messages=MSGS, max_tokens=1, **kw)
     )
-    assert e.body["param"] == param and "tool calling is not supported yet" in e.body["message"]
-    ok = client.chat.completions.create(model=server.model, messages=MSGS, max_tokens=1, tool_choice="none")
-    assert ok.choices[0].finish_reason == "length"
+    assert e.body["param"] == param and words in e.body["message"], e.body
+    ok = client.chat.completions.create(
+        model=server.model, messages=MSGS, max_tokens=1, tools=[F], tool_choice="none"
+    )
+    assert ok.choices[0].finish_reason == "length" and ok.choices[0].message.tool_calls is None
