@@ -58,6 +58,14 @@ class GrammarCache:
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         return self._compiler.compile_grammar(spec.build_grammar())
 
+    def stop_only(self) -> Any:
+        """A grammar that allows nothing but a stop token, compiled without the tokenizer's
+        vocabulary (for a request whose own grammar failed to compile)."""
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo([""] * self.vocab_size, stop_token_ids=self._stop_token_ids)
+        return xgr.GrammarCompiler(info, max_threads=1).compile_grammar('root ::= ""')
+
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

@@ -60,7 +60,15 @@ class GrammarMatchers:
         if entry.matcher is None:
             import xgrammar as xgr
 
-            entry.matcher = xgr.GrammarMatcher(entry.compiled.result())
+            try:
+                compiled = entry.compiled.result()
+            except Exception:
+                # The gateway and LLM compiled this spec's grammar already, so this is an
+                # engine fault (e.g. no tokenizer): end the request (only a stop token is
+                # allowed) instead of failing every request in the step.
+                log.exception("request %s: its grammar did not compile; ending it", req_id)
+                compiled = self.cache.stop_only()
+            entry.matcher = xgr.GrammarMatcher(compiled)
             entry.compiled = None
             for t in entry.replay:  # a preempted request resumes where its output left off
                 entry.matcher.accept_token(t)

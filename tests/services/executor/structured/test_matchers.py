@@ -79,3 +79,17 @@ def test_a_token_outside_the_grammar_ends_the_request(cache, tokenizer):
     m = GrammarMatchers(cache)
     m.add("r", _params(regex="[0-9]+"), [])
     assert m.accept("r", tokenizer.encode("x")[0])
+
+
+def test_a_grammar_that_fails_to_compile_ends_only_its_request():
+    def no_tokenizer():
+        raise OSError("tokenizer files missing")
+
+    m = GrammarMatchers(GrammarCache(no_tokenizer, VOCAB, [EOS]))
+    m.add("bad", _params(regex="[0-9]+"), [])
+    logits = torch.zeros(2, VOCAB)
+    m.mask(logits, [(0, "bad")])
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [EOS]
+    assert torch.isfinite(logits[1]).all()
+    assert m.accept("bad", EOS)
+    m.cache.shutdown()
