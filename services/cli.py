@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 
+from services.gateway.tool_parsers import PARSERS
 from shared.cli_args import (
     add_bus_args,
     add_engine_args,
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("FOLIO_API_KEY"),
                    help="require this bearer token (env FOLIO_API_KEY)")
     p.add_argument("--engine-id", default="e0")
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
+                   help='parse tool calls out of free text, enabling tool_choice "auto"')
     add_bus_args(p)
     add_telemetry_args(p)
     p.set_defaults(func=_serve)

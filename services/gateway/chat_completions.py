@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from services.gateway.chat import content_text, render_chat
-from services.gateway.generation import Choice, Generation, stream_usage_flags
+from services.gateway.generation import Generation, stream_usage_flags
 from services.gateway.openai_protocol import ChatCompletionRequest
 from services.gateway.requests import check_model, require_engine
 from services.gateway.sampling import (
@@ -20,6 +20,7 @@ from services.gateway.sampling import (
 )
 from services.gateway.sse import event, stream_response, with_disconnect_abort
 from services.gateway.state import GatewayState
+from services.gateway.tool_stream import ToolStream
 from services.gateway.tools import ToolPlan, tool_plan
 
 
@@ -27,7 +28,11 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
     check_model(state, req.model)
     check_openai_ranges(req)
     top_k = (req.top_logprobs or 0) if req.logprobs else None
-    params = build_params(req, top_k, state.vocab_size, state.sampling_defaults)
+    tools = tool_plan(req, state.settings.tool_call_parser)
+    if tools is not None and tools.mode == "none":
+        tools = None  # the template still sees req.tools
+    constraint = tools.constraint() if tools is not None else None
+    params = build_params(req, top_k, state.vocab_size, state.sampling_defaults, constraint)
     prompt = render_chat(
         state.tokenizer,
         req.messages,
@@ -50,15 +55,13 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
         raw.headers.get("traceparent", ""),
     )
     echo = echo_text(req)
-    plan = tool_plan(req)
-    forced = plan if plan is not None and plan.forced else None
     await gen.start()
     if req.stream:
         include_usage, continuous_usage = stream_usage_flags(req.stream_options)
         return stream_response(
-            gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage, echo, forced)
+            gen, lambda: _stream(state, gen, top_k, include_usage, continuous_usage, echo, tools)
         )
-    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k, echo, forced))
+    return await with_disconnect_abort(raw, gen, _full(state, gen, top_k, echo, tools))
 
 
 def echo_text(req: ChatCompletionRequest) -> str:
@@ -71,24 +74,19 @@ def echo_text(req: ChatCompletionRequest) -> str:
     return content_text(last, len(req.messages) - 1) if last.role == role else ""
 
 
-def _tool_calls(c: Choice, forced: ToolPlan | None) -> list[dict] | None:
-    """A forced call that completed (the grammar ended: "stop"), as message.tool_calls."""
-    if forced is None or c.finish_reason != "stop":
-        return None
-    return forced.calls(c.text)
-
-
 async def _full(
-    state: GatewayState, gen: Generation, top_k: int | None, echo: str, forced: ToolPlan | None
+    state: GatewayState, gen: Generation, top_k: int | None, echo: str, tools: ToolPlan | None
 ) -> Response:
     while not gen.done:
         await gen.next_update()
     choices = []
     for c in gen.choices:
-        calls = _tool_calls(c, forced)
+        # Calls only from a completed reply (a grammar or the model ended it: "stop").
+        reply = tools.reply(c.text) if tools is not None and c.finish_reason == "stop" else None
+        calls = None if reply is None else reply[1]
         message = {"role": "assistant", "content": echo + c.text}
-        if calls is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
+        if reply is not None:
+            message = {"role": "assistant", "content": reply[0], "tool_calls": calls}
         choices.append(
             {
                 "index": c.index,
@@ -116,7 +114,7 @@ async def _stream(
     include_usage: bool,
     continuous_usage: bool,
     echo: str,
-    forced: ToolPlan | None = None,
+    tools: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
     head = {
         "id": gen.request_id,
@@ -137,16 +135,20 @@ async def _stream(
     yield b"".join(chunk(c.index, {"role": "assistant", "content": ""}) for c in gen.choices)
     if echo:  # as vLLM: the echoed content in a chunk of its own per choice
         yield b"".join(chunk(c.index, {"content": echo}) for c in gen.choices)
+    calls = None if tools is None else ToolStream(tools)
     buf: list[bytes] = []
     while not gen.done:
         u = await gen.next_update()
         if u.text or u.finished or u.logprobs:
             c = u.choice
             lp = None if top_k is None else {"content": state.logprobs.chat(u.logprobs, top_k)}
-            if forced is not None:
-                # A forced call is sent whole once its grammar has ended (its JSON is complete).
-                if u.finished or lp is not None:
-                    buf.append(_tool_chunk(chunk, c, forced, lp) if u.finished else chunk(c.index, {}, lp))
+            if calls is not None:
+                text = calls.content(c)
+                if text or lp is not None:
+                    buf.append(chunk(c.index, {"content": text} if text else {}, lp))
+                if u.finished:
+                    delta, reason = calls.finish(c)
+                    buf.append(chunk(c.index, delta, None, reason, c.stop_reason))
             else:
                 delta = {"content": u.text} if u.text or not u.finished else {}
                 buf.append(chunk(c.index, delta, lp, c.finish_reason, c.stop_reason))
@@ -157,13 +159,3 @@ async def _stream(
         yield b"".join(buf)
     if include_usage:
         yield event({**head, "choices": [], "usage": gen.usage()})
-
-
-def _tool_chunk(chunk, c: Choice, forced: ToolPlan, lp) -> bytes:
-    """The finished choice's tool calls in OpenAI's delta shape (each with its index), or its
-    text when the call did not complete (cut by max_tokens)."""
-    calls = _tool_calls(c, forced)
-    if calls is None:
-        return chunk(c.index, {"content": c.text}, lp, c.finish_reason, c.stop_reason)
-    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-    return chunk(c.index, delta, lp, "tool_calls", c.stop_reason)

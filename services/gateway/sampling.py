@@ -15,6 +15,7 @@ from services.gateway.openai_protocol import ChatCompletionRequest, CompletionRe
 from services.gateway.structured import structured_outputs
 from shared.protocol import GenerateRequest
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams
+from shared.structured_outputs import StructuredOutputsParams
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -116,6 +117,7 @@ def build_params(
     logprobs: int | None,
     vocab_size: int | None = None,
     defaults: dict | None = None,
+    tool_constraint: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """SamplingParams (n kept; max_tokens filled in per prompt later). `vocab_size` is needed
     only for a request with logit_bias; `defaults` (the model's generation_config.json) fill
@@ -140,7 +142,7 @@ def build_params(
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logit_bias": parse_logit_bias(req.logit_bias, vocab_size or 0) if req.logit_bias else None,
-        "structured_outputs": structured_outputs(req),
+        "structured_outputs": structured_outputs(req, tool_constraint),
     }
     for k, v in (defaults or {}).items():
         if k != "max_tokens" and fields.get(k) is None:

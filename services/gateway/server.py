@@ -13,6 +13,7 @@ import os
 import uuid
 
 from services.gateway.state import GatewaySettings
+from services.gateway.tool_parsers import PARSERS
 from shared.cli_args import add_bus_args, add_engine_args, add_telemetry_args, model_from_args
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a request whose engine failed waits to be resumed before it fails",
     )
+    add(
+        "--tool-call-parser",
+        choices=sorted(PARSERS),
+        default=None,
+        help='parse tool calls out of free text, enabling tool_choice "auto" (see tool_parsers.py)',
+    )
     add("--access-log", action="store_true", help="log every HTTP request")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     if not _has(parser, "--max-model-len"):
@@ -95,6 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         resume_timeout_s=getattr(args, "resume_timeout", None) or 30.0,
         generation_config=getattr(args, "generation_config", None) or "auto",
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
 
 

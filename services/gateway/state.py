@@ -32,6 +32,7 @@ class GatewaySettings:
     # before its first token, for any engine to be alive) before it fails (s).
     resume_timeout_s: float = 30.0
     generation_config: str = "auto"  # sampling defaults: see shared/generation_defaults.py
+    tool_call_parser: str | None = None  # tool_choice "auto": see tool_parsers.py
 
 
 @dataclass

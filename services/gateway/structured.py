@@ -18,7 +18,6 @@ import json
 
 from services.gateway.errors import BadRequestError
 from services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
-from services.gateway.tools import tool_plan
 from shared.structured_outputs import StructuredOutputsParams
 
 _GUIDED = {
@@ -30,7 +29,10 @@ _GUIDED = {
 _FIELDS = ("json", "json_object", "regex", "choice", "grammar", "disable_any_whitespace")
 
 
-def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
+def structured_outputs(
+    req: CompletionRequest | ChatCompletionRequest, tool_constraint: StructuredOutputsParams | None = None
+) -> StructuredOutputsParams | None:
+    """`tool_constraint`: a forced tool call's schema (tools.py), one more source."""
     found: list[tuple[str, dict | StructuredOutputsParams]] = []
     rf = req.response_format
     if rf is not None and rf.type != "text":
@@ -52,10 +54,8 @@ def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> Struct
     for name, field in _GUIDED.items():
         if extra.get(name) is not None:
             found.append((name, {field: extra[name]}))
-    if isinstance(req, ChatCompletionRequest):
-        plan = tool_plan(req)
-        if plan is not None and plan.forced:
-            found.append(("tool_choice", plan.constraint()))
+    if tool_constraint is not None:
+        found.append(("tool_choice", tool_constraint))
     if not found:
         return None
     if len(found) > 1:

@@ -6,11 +6,12 @@
     "required"                    ─▶ output constrained to a JSON array of
                                      {"name": <one of the tools>, "parameters": <its schema>}
                                      (one item when parallel_tool_calls is false)
-    "auto" (the default with tools) ─▶ a 400 for now: it needs a parser of the model's own
-                                     tool-call format (--tool-call-parser), not built yet
+    "auto" (the default with tools) ─▶ free text, searched for calls by the gateway's
+                                     --tool-call-parser (tool_parsers.py); without one, a 400
 
-A forced call comes back as `message.tool_calls` (ids `call_…`, `content: null`) with
-`finish_reason: "tool_calls"`; a call cut by max_tokens stays text with "length".
+Calls come back as `message.tool_calls` (ids `call_…`; `content` null, or the text before
+an auto call) with `finish_reason: "tool_calls"`; a call cut by max_tokens stays text with
+"length".
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ from dataclasses import dataclass
 
 from services.gateway.errors import BadRequestError
 from services.gateway.openai_protocol import ChatCompletionRequest
+from services.gateway.tool_parsers import ToolCallParser, get_parser
 from shared.structured_outputs import StructuredOutputsParams
 
 
 @dataclass(frozen=True, slots=True)
 class ToolPlan:
-    mode: str  # "none" | "named" | "required"
+    mode: str  # "none" | "auto" | "named" | "required"
     schemas: dict[str, dict]  # function name → parameters schema
     name: str | None = None  # the named function
     parallel: bool = True
+    parser: ToolCallParser | None = None  # for "auto"
 
     @property
     def forced(self) -> bool:
-        return self.mode != "none"
+        return self.mode in ("named", "required")
 
     def constraint(self) -> StructuredOutputsParams | None:
         if self.mode == "named":
@@ -55,8 +58,19 @@ class ToolPlan:
             return _compact(array)
         return None
 
-    def calls(self, text: str) -> list[dict] | None:
-        """The tool calls in a forced output, or None when it is not a complete call."""
+    def reply(self, text: str) -> tuple[str | None, list[dict]] | None:
+        """(content, tool calls) of a completed output, or None when it holds no call."""
+        if self.mode == "auto":
+            assert self.parser is not None
+            found = self.parser.parse(text)
+            if found is None or not found[1]:
+                return None
+            content, calls = found
+            if not self.parallel:  # the model was told one call; keep only the first
+                calls = calls[:1]
+            return content, [tool_call(name, args) for name, args in calls]
+        if not self.forced:
+            return None
         try:
             value = json.loads(text)
         except ValueError:
@@ -65,7 +79,7 @@ class ToolPlan:
             pairs = [(self.name, value)]
         else:
             pairs = [(c["name"], c["parameters"]) for c in value]
-        return [tool_call(name, json.dumps(args, ensure_ascii=False)) for name, args in pairs]
+        return None, [tool_call(name, json.dumps(args, ensure_ascii=False)) for name, args in pairs]
 
 
 def _compact(schema: dict) -> StructuredOutputsParams:
@@ -82,7 +96,7 @@ def tool_call(name: str, arguments: str) -> dict:
     }
 
 
-def tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
+def tool_plan(req: ChatCompletionRequest, parser: str | None = None) -> ToolPlan | None:
     """What the request's tools ask for (None without tools); malformed ones are 400s."""
     choice = req.tool_choice
     if not req.tools:
@@ -114,11 +128,13 @@ def tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
             )
         return ToolPlan("named", schemas, name=name, parallel=parallel)
     if choice in (None, "auto"):
-        raise BadRequestError(
-            'tool_choice "auto" is not supported yet (it needs a tool-call parser): use "required", '
-            'a named function or "none".',
-            "tool_choice",
-        )
+        if parser is None:
+            raise BadRequestError(
+                'tool_choice "auto" needs the server to run with --tool-call-parser; use "required", '
+                'a named function or "none".',
+                "tool_choice",
+            )
+        return ToolPlan("auto", schemas, parallel=parallel, parser=get_parser(parser))
     raise BadRequestError(
         f"tool_choice must be none, auto, required or a named function, got {choice!r}.", "tool_choice"
     )

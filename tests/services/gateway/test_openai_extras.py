@@ -100,7 +100,6 @@ F = {"type": "function", "function": {"name": "f", "parameters": {}}}
 @pytest.mark.parametrize(
     "kw, param, words",
     [
-        ({"tools": [F]}, "tool_choice", 'tool_choice "auto" is not supported yet'),
         ({"tool_choice": "required"}, "tool_choice", "tool_choice needs `tools`"),
         (
             {"tools": [F], "tool_choice": {"type": "function", "function": {"name": "g"}}},

@@ -1,6 +1,8 @@
 """Forced tool calls (tool_choice "required" and a named function) through a real
 `folio serve` and the OpenAI SDK: arguments validate against the tool's parameters,
-streamed deltas reassemble to the non-streamed call, tool results render in the template."""
+streamed deltas reassemble to the non-streamed call, tool results render in the template;
+tool_choice "auto" through the session server's hermes parser (SmolLM2 writes no calls of
+its own: the parsers are tested on text in test_tool_parsers.py)."""
 
 from __future__ import annotations
 
@@ -39,13 +41,9 @@ QUESTIONS = ["What is the weather in Paris?", "What time is it in Berlin?", "Is 
 
 
 def _ask(client, server, q: str, **kw):
+    kw = {"max_tokens": 60, **kw}
     return client.chat.completions.create(
-        model=server.model,
-        messages=[{"role": "user", "content": q}],
-        tools=TOOLS,
-        max_tokens=60,
-        temperature=0,
-        **kw,
+        model=server.model, messages=[{"role": "user", "content": q}], tools=TOOLS, temperature=0, **kw
     )
 
 
@@ -106,3 +104,25 @@ def test_tool_results_render_through_the_chat_template(client, server, tokenizer
     text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     assert "12:00" in text
     assert r.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _stream_reply(client, server, q: str, **kw) -> tuple[str, list[tuple[str, str]], str | None]:
+    text, parts, finish = [], {}, None
+    for ch in _ask(client, server, q, stream=True, **kw):
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        text.append(d.content or "")
+        finish = ch.choices[0].finish_reason or finish
+        for t in d.tool_calls or []:
+            parts[t.index] = (t.function.name, t.function.arguments)
+    return "".join(text), [parts[i] for i in sorted(parts)], finish
+
+
+def test_auto_without_a_call_is_plain_text(client, server):
+    r = _ask(client, server, "Say hello to my friend Bob.", max_tokens=12)
+    c = r.choices[0]
+    assert c.message.tool_calls is None and c.message.content and c.finish_reason in ("stop", "length")
+    text, calls, finish = _stream_reply(client, server, "Say hello to my friend Bob.", max_tokens=12)
+    assert (text, calls, finish) == (c.message.content, [], c.finish_reason)
+

@@ -1,0 +1,72 @@
+"""Tool-call parsers (tool_choice "auto") and the streaming split, on text: no model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.gateway.errors import BadRequestError
+from services.gateway.generation import Choice
+from services.gateway.openai_protocol import ChatCompletionRequest
+from services.gateway.tool_parsers import HermesParser, Llama3JsonParser
+from services.gateway.tool_stream import ToolStream
+from services.gateway.tools import tool_plan
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def test_hermes_finds_every_call_and_the_content_before():
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+        '<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    )
+    content, calls = HermesParser().parse(text)
+    assert content == "Let me check.\n"
+    assert [(n, json.loads(a)) for n, a in calls] == [("f", {"a": 1}), ("g", {})]
+    assert HermesParser().parse("no calls here") is None
+    assert HermesParser().parse("<tool_call>{not json</tool_call>") is None
+
+
+def test_llama3_json_parses_whole_replies_only():
+    _, calls = Llama3JsonParser().parse(
+        '<|python_tag|>{"name": "f", "parameters": {"x": "y"}}; {"name": "g", "parameters": {}}'
+    )
+    assert [(n, json.loads(a)) for n, a in calls] == [("f", {"x": "y"}), ("g", {})]
+    assert Llama3JsonParser().parse('Sure: {"name": "f", "parameters": {}}') is None
+    assert Llama3JsonParser().parse('{"answer": 42}') is None
+
+
+def _stream(plan, pieces: list[str], finish: str = "stop") -> tuple[str, dict, str | None]:
+    c = Choice(0, "r-0", [], detok=None)
+    s, sent = ToolStream(plan), ""
+    for p in pieces:
+        c.text += p
+        sent += s.content(c)
+    c.finish_reason = finish
+    sent += s.content(c)
+    delta, reason = s.finish(c)
+    return sent, delta, reason
+
+
+def _auto(parser: str):
+    return tool_plan(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=[TOOL]), parser)
+
+
+def test_streaming_holds_back_a_possible_marker_and_sends_calls_whole():
+    plan = _auto("hermes")
+    sent, delta, reason = _stream(
+        plan, ["Hi <tool", '_call>{"name": "f", ', '"arguments": {"a": 1}}</tool_call>']
+    )
+    assert sent == "Hi " and reason == "tool_calls"
+    (call,) = delta["tool_calls"]
+    assert call["index"] == 0 and call["id"].startswith("call_") and call["function"]["name"] == "f"
+    assert json.loads(call["function"]["arguments"]) == {"a": 1}
+    # Text that only looked like a marker's start goes out in the end, as content.
+    sent, delta, reason = _stream(plan, ["a <tool", "box"])
+    assert sent + delta["content"] == "a <toolbox" and reason == "stop"
+
+
+def test_auto_without_a_parser_is_a_400():
+    with pytest.raises(BadRequestError, match="--tool-call-parser"):
+        _auto(None)
