@@ -98,10 +98,11 @@ class Supervisor:
                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
 
     def dead_child(self) -> Child | None:
-        for c in self.children:
-            if c.proc.poll() is not None:
-                return c
-        return None
+        """A dead child; one killed by a signal first. When one rank is killed, its peers
+        fail their next collective and exit too, often before this loop looks: the log must
+        name the cause (the killed one), not a peer that exited because of it."""
+        dead = [c for c in self.children if c.proc.poll() is not None]
+        return min(dead, key=lambda c: c.proc.returncode >= 0) if dead else None
 
     def wait_ready(self, health_url: str) -> int | None:
         """None once /health answers 200; an exit code if stopped or a child died first."""
