@@ -46,7 +46,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +61,7 @@ from benchmarks.serve import (  # noqa: E402
     run_load,
     start_server,
     stop_server,
+    wait_healthy,
 )
 from shared.cli_args import add_engine_args, model_from_args  # noqa: E402
 
@@ -112,19 +112,8 @@ def start_llama_server(args, model: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=None if args.server_log else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode} during startup (try --server-log)")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise SystemExit(f"llama-server not healthy after {args.startup_timeout}s")
+    wait_healthy(proc, url, args.startup_timeout, "llama-server")
+    return proc, url
 
 
 def run_variant(args, name: str, prompts: dict[int, list[list[int]]]) -> dict[int, dict]:

@@ -233,19 +233,25 @@ def start_server(args, root: Path = ROOT, redis_url: str | None = None) -> tuple
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_timeout
+    wait_healthy(proc, url, args.startup_timeout, "folio serve")
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str) -> None:
+    """Until `url`/health answers 200; a SystemExit if the server dies or takes too long."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"folio serve exited with {proc.returncode} during startup (try --server-log)")
+            raise SystemExit(f"{name} exited with {proc.returncode} during startup (try --server-log)")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    return proc, url
+                    return
         except OSError:
             pass
         time.sleep(0.5)
     stop_server(proc)
-    raise SystemExit(f"folio serve not healthy after {args.startup_timeout}s")
+    raise SystemExit(f"{name} not healthy after {timeout}s")
 
 
 def redis_commands(redis_url: str) -> dict[str, int]:
