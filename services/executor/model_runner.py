@@ -328,12 +328,7 @@ class ModelRunner:
             result.num_accepted = [
                 min(v.num_accepted, len(t)) for v, t in zip(sampled, token_ids, strict=True)
             ]
-            # No drafts for constrained requests: their matchers never roll back.
-            live = [
-                i
-                for i, code in enumerate(finish_reasons)
-                if not code and requests[i].req_id not in self.grammars
-            ]
+            live = [i for i, code in enumerate(finish_reasons) if not code]
             drafts = self.speculator.propose([requests[i] for i in live])
             result.draft_token_ids = [[] for _ in requests]
             for i, d in zip(live, drafts, strict=True):
@@ -345,7 +340,7 @@ class ModelRunner:
         rows, row = [], 0
         for r in requests:
             if r.req_id in self.grammars:
-                rows.append((row, r.req_id))
+                rows.append((row, r.req_id, r.spec_token_ids))
             row += 1 + len(r.spec_token_ids)
         self.grammars.mask(logits, rows)
 

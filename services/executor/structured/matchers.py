@@ -8,8 +8,12 @@ dropped with the request. In a step:
     each appended token    ─▶ accept() → terminated? ─▶ check_stop(grammar_terminated=…)
 
 Masking comes before the sampler, so its all-greedy argmax fast path also picks only
-allowed tokens. Constrained requests get no speculative drafts (the runner proposes none
-for them), so a matcher never has to roll back a rejected draft.
+allowed tokens. A request with speculative drafts has 1 + k rows: row j is masked for
+the state after drafts 0..j-1, which mask() reaches by accepting the drafts and then
+rolls back, so the matcher is again where the request's output ends. Verification then
+never accepts a draft the grammar forbids (its target probability is 0), and accept()
+advances the matcher by the tokens actually emitted. Rows after a draft the grammar
+rejects (or after one that ends it) are never reached: they repeat the last filled mask.
 """
 
 from __future__ import annotations
@@ -75,28 +79,50 @@ class GrammarMatchers:
             entry.replay = []
         return entry.matcher
 
-    def mask(self, logits: torch.Tensor, rows: Sequence[tuple[int, str]]) -> None:
+    def mask(self, logits: torch.Tensor, rows: Sequence[tuple[int, str, Sequence[int]]]) -> None:
         """Set the logits of tokens each constrained row's grammar forbids next to -inf, in
-        place. `rows`: (row of `logits`, request id) for the constrained requests."""
+        place. `rows`: (first row of `logits`, request id, draft tokens) for the constrained
+        requests; a request has 1 + len(drafts) rows from its first."""
         if not rows:
             return
         import xgrammar as xgr
 
         vocab = self.cache.vocab_size
-        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
-            self._bitmask = xgr.allocate_token_bitmask(max(len(rows), 8), vocab)
-        bitmask = self._bitmask[: len(rows)]
-        for i, (_, req_id) in enumerate(rows):
-            self._matcher(req_id).fill_next_token_bitmask(bitmask, i)
+        n = sum(1 + len(drafts) for _, _, drafts in rows)
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = xgr.allocate_token_bitmask(max(n, 8), vocab)
+        bitmask = self._bitmask[:n]
+        index: list[int] = []
+        for first, req_id, drafts in rows:
+            i = len(index)
+            index.extend(range(first, first + 1 + len(drafts)))
+            self._fill(self._matcher(req_id), bitmask, i, drafts)
         # Expand to booleans over the model's vocabulary: works for any logits dtype/device.
         shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(rows), -1)[:, :vocab]
-        index = torch.tensor([r for r, _ in rows], dtype=torch.long, device=logits.device)
-        sub = logits.index_select(0, index)[:, :vocab]
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(n, -1)[:, :vocab]
+        index_t = torch.tensor(index, dtype=torch.long, device=logits.device)
+        sub = logits.index_select(0, index_t)[:, :vocab]
         sub.masked_fill_(~allowed.to(logits.device), float("-inf"))
-        logits[:, :vocab].index_copy_(0, index, sub)
+        logits[:, :vocab].index_copy_(0, index_t, sub)
         if logits.shape[1] > vocab:  # padded LM-head columns are never a grammar's token
-            logits[index, vocab:] = float("-inf")
+            logits[index_t, vocab:] = float("-inf")
+
+    @staticmethod
+    def _fill(matcher: Any, bitmask: torch.Tensor, row: int, drafts: Sequence[int]) -> None:
+        """Rows row … row + len(drafts): the masks after each prefix of the drafts; the
+        matcher ends where it started."""
+        matcher.fill_next_token_bitmask(bitmask, row)
+        end = row + 1 + len(drafts)
+        accepted = 0
+        for j, token_id in enumerate(drafts, 1):
+            if not matcher.is_terminated() and matcher.accept_token(token_id):
+                accepted += 1
+            if accepted < j or matcher.is_terminated():  # rows from here on are unreachable
+                bitmask[row + j : end] = bitmask[row + j - 1]
+                break
+            matcher.fill_next_token_bitmask(bitmask, row + j)
+        if accepted:
+            matcher.rollback(accepted)
 
     def accept(self, req_id: str, token_id: int) -> bool:
         """Advance the request's matcher; True when its grammar has terminated."""

@@ -127,3 +127,52 @@ def test_ngram_at_tensor_parallel_2_equals_tp1(tmp_path):
         assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
     finally:
         llm.shutdown()
+
+
+def test_constrained_requests_get_drafts_and_keep_their_greedy_tokens(smollm2_dir):
+    """Drafts for requests under a grammar: draft rows are masked for their prefix and the
+    matcher rolls back, so outputs equal plain constrained decoding; an unconstrained
+    request in the same batch is unchanged, and copying JSON the prompt holds accepts
+    most drafts."""
+    import json
+
+    from shared.structured_outputs import StructuredOutputsParams
+
+    record = {"name": "Ada Lovelace", "born": 1815, "languages": ["English", "French"], "active": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "born": {"type": "integer", "minimum": 1000, "maximum": 2100},
+            "languages": {"type": "array", "items": {"type": "string"}},
+            "active": {"type": "boolean"},
+        },
+        "required": ["name", "born", "languages", "active"],
+        "additionalProperties": False,
+    }
+    specs = [
+        StructuredOutputsParams(json=schema),
+        StructuredOutputsParams(regex=r"[A-Z][a-z]+ opens at (nine|ten)\."),
+        None,
+    ]
+    texts = [
+        f"Repeat this JSON exactly:\n{json.dumps(record)}",
+        f"When does the library open? Answer from this text:\n\n{PARAGRAPH}",
+        COPY_TASKS[0],
+    ]
+
+    def params(spec):
+        return SamplingParams(temperature=0.0, max_tokens=64, structured_outputs=spec)
+
+    outs = []
+    for spec_config in (None, NGRAM):
+        llm = LLM(str(smollm2_dir), dtype="float32", speculative_config=spec_config)
+        prompts = [chat(llm, t) for t in texts]
+        outs.append(llm.generate(prompts, [params(s) for s in specs]))
+        assert llm.engine.stats().kv_cache_usage == 0.0
+    base, spec = outs
+    assert [o.token_ids for o in spec] == [o.token_ids for o in base]
+    assert json.loads(spec[0].text) == record
+    assert spec[0].finish_reason == "stop"
+    sd = llm.engine.stats().spec_decode
+    assert sd.num_draft_tokens > 0 and sd.num_accepted_tokens > 0.5 * len(spec[0].token_ids)

@@ -46,7 +46,7 @@ def test_mask_allows_exactly_the_grammar_tokens(cache, tokenizer):
     torch.manual_seed(0)
     logits = torch.randn(3, VOCAB + 64)  # a padded LM head: columns past the vocabulary
     before = logits.clone()
-    m.mask(logits, [(1, "c")])
+    m.mask(logits, [(1, "c", [])])
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     allowed = set(torch.isfinite(logits[1]).nonzero().flatten().tolist())
     expected = {
@@ -69,10 +69,66 @@ def test_accept_terminates_at_the_stop_token_and_a_preempted_request_resumes(cac
     m.remove("a")
     m.add("a", _params(choice=["yes", "no"]), no)
     logits = torch.zeros(1, VOCAB)
-    m.mask(logits, [(0, "a")])
+    m.mask(logits, [(0, "a", [])])
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [EOS]
     m.remove("a")
     assert not m
+
+
+def _allowed(row: torch.Tensor) -> list[int]:
+    return torch.isfinite(row).nonzero().flatten().tolist()
+
+
+def test_draft_rows_are_masked_for_their_prefix_and_the_matcher_rolls_back(cache, tokenizer):
+    """A request with drafts has 1 + k rows: row j is masked as the grammar stands after
+    drafts 0..j-1; rows after a draft the grammar rejects repeat the last mask; afterwards
+    the matcher is where it was, so accept() advances it by the tokens really emitted."""
+    spec = dict(choice=["yes please, thank you", "no thanks"])
+    yes = tokenizer.encode("yes please, thank you")
+    assert len(yes) >= 3
+    bad = tokenizer.encode("x")[0]
+
+    def expected_after(prefix: list[int], spec=spec) -> list[int]:
+        ref = GrammarMatchers(cache)
+        ref.add("r", _params(**spec), prefix)  # the replay path accepts the prefix
+        one = torch.zeros(1, VOCAB)
+        ref.mask(one, [(0, "r", [])])
+        return _allowed(one[0])
+
+    m = GrammarMatchers(cache)
+    m.add("s", _params(**spec), [])
+    m.add("c", _params(choice=["yes", "no"]), [])
+    drafts = [yes[0], yes[1], bad, yes[2]]
+    logits = torch.zeros(1 + len(drafts) + 2, VOCAB)
+    m.mask(logits, [(0, "s", drafts), (6, "c", [])])  # row 5: an unconstrained request
+    for j in range(3):
+        assert _allowed(logits[j]) == expected_after(yes[:j])
+    assert bad not in _allowed(logits[2])  # verification can never accept the bad draft
+    assert _allowed(logits[3]) == _allowed(logits[4]) == _allowed(logits[2])
+    assert torch.isfinite(logits[5]).all()
+    assert _allowed(logits[6]) == expected_after([], dict(choice=["yes", "no"]))
+    # Rolled back: the mask without drafts is the first row's again, and the emitted
+    # tokens (two accepted drafts plus the target's own token) advance it.
+    again = torch.zeros(1, VOCAB)
+    m.mask(again, [(0, "s", [])])
+    assert _allowed(again[0]) == expected_after([])
+    for t in yes:
+        assert not m.accept("s", t)
+    assert m.accept("s", EOS)
+
+
+def test_drafts_past_the_end_of_the_grammar_are_unreachable_rows(cache, tokenizer):
+    no = tokenizer.encode("no")
+    m = GrammarMatchers(cache)
+    m.add("e", _params(choice=["yes", "no"]), [])
+    drafts = no + [EOS, no[0]]  # the stop token ends the grammar: the row after repeats
+    logits = torch.zeros(1 + len(drafts), VOCAB)
+    m.mask(logits, [(0, "e", drafts)])
+    assert _allowed(logits[len(no)]) == [EOS]
+    assert _allowed(logits[-1]) == _allowed(logits[-2]) == [EOS]
+    for t in no:
+        assert not m.accept("e", t)
+    assert m.accept("e", EOS)
 
 
 def test_a_token_outside_the_grammar_ends_the_request(cache, tokenizer):
@@ -88,7 +144,7 @@ def test_a_grammar_that_fails_to_compile_ends_only_its_request():
     m = GrammarMatchers(GrammarCache(no_tokenizer, VOCAB, [EOS]))
     m.add("bad", _params(regex="[0-9]+"), [])
     logits = torch.zeros(2, VOCAB)
-    m.mask(logits, [(0, "bad")])
+    m.mask(logits, [(0, "bad", [])])
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [EOS]
     assert torch.isfinite(logits[1]).all()
     assert m.accept("bad", EOS)
