@@ -265,8 +265,13 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor | None, requests: list[RequestState]) -> list[Verified]:
         sampled: list[Verified] = []
         if logits is not None:  # rank 0 samples, once, for all ranks
+            # A request whose grammar is still compiling takes no token this step: the
+            # scheduler computes its last token again next step (a deferral, like a
+            # rejected draft), so a new schema never holds up the rest of the batch.
+            grammars = self.grammars
+            waiting = {r.req_id for r in requests if r.req_id in grammars and not grammars.ready(r.req_id)}
             if self.grammars:
-                self._mask_grammars(logits, requests)
+                self._mask_grammars(logits, requests, waiting)
             if self.speculator is not None:
                 sampled = self.speculator.sample(self.sampler, logits, requests)
             else:
@@ -275,6 +280,9 @@ class ModelRunner:
                     Verified([t], 0, [] if lp is None else [lp])
                     for t, lp in zip(out.token_ids, out.logprobs, strict=True)
                 ]
+            for i, r in enumerate(requests):
+                if r.req_id in waiting:
+                    sampled[i] = Verified([], 0, [])
         return sampled
 
     def _finish(
@@ -328,18 +336,18 @@ class ModelRunner:
             result.num_accepted = [
                 min(v.num_accepted, len(t)) for v, t in zip(sampled, token_ids, strict=True)
             ]
-            live = [i for i, code in enumerate(finish_reasons) if not code]
+            live = [i for i, code in enumerate(finish_reasons) if not code and token_ids[i]]
             drafts = self.speculator.propose([requests[i] for i in live])
             result.draft_token_ids = [[] for _ in requests]
             for i, d in zip(live, drafts, strict=True):
                 result.draft_token_ids[i] = d
         return result
 
-    def _mask_grammars(self, logits: torch.Tensor, requests: list[RequestState]) -> None:
+    def _mask_grammars(self, logits: torch.Tensor, requests: list[RequestState], waiting: set[str]) -> None:
         """Mask the constrained requests' rows (each request has 1 + len(drafts) rows)."""
         rows, row = [], 0
         for r in requests:
-            if r.req_id in self.grammars:
+            if r.req_id in self.grammars and r.req_id not in waiting:
                 rows.append((row, r.req_id, r.spec_token_ids))
             row += 1 + len(r.spec_token_ids)
         self.grammars.mask(logits, rows)

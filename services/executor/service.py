@@ -226,7 +226,7 @@ class ExecutorService:
         for new in plan.new_requests:
             if new.req_id not in self.spans:
                 self.spans.start(new.req_id, new.traceparent, {
-                    GenAI.USAGE_PROMPT_TOKENS: len(new.prompt_token_ids),
+                    GenAI.USAGE_INPUT_TOKENS: len(new.prompt_token_ids),
                     GenAI.REQUEST_MAX_TOKENS: new.sampling_params.max_tokens or 0,
                 })
 
@@ -243,6 +243,8 @@ class ExecutorService:
                 continue
             tokens = result.sampled_token_ids[i]
             reason = reasons[i] if i < len(reasons) else 0
+            if not tokens and not reason:  # deferred (its grammar still compiling): nothing to say
+                continue
             by_channel[state.reply_to].append(TokenDelta(
                 req_id=req_id,
                 token_ids=tokens,
@@ -253,7 +255,7 @@ class ExecutorService:
                 num_prompt_tokens=state.num_prompt_tokens,
             ))
             if reason and self.spans.enabled:
-                self.spans.end(req_id, {GenAI.USAGE_COMPLETION_TOKENS: state.num_output_tokens,
+                self.spans.end(req_id, {GenAI.USAGE_OUTPUT_TOKENS: state.num_output_tokens,
                                         GenAI.RESPONSE_FINISH_REASONS: [FinishReason(reason).openai]})
         return {ch: TokenBatch(deltas=d, engine_id=self.engine_id) for ch, d in by_channel.items() if ch}
 

@@ -267,11 +267,18 @@ class Scheduler:
             reason = FinishReason(code) if code else None
             req.output_token_ids.extend(tokens)
             sampled.add(req_id)
-            if drafts:
-                # Roll back over the rejected drafts before any block is cached below.
+            deferred = not tokens and reason is None
+            if drafts or deferred:
+                # Roll back over the rejected drafts before any block is cached below; a
+                # request the runner deferred (its grammar still compiling) computes its
+                # last token again next step.
                 req.num_computed_tokens = req.num_tokens - 1
+            if drafts:
                 accepted = result.num_accepted[i] if i < len(result.num_accepted) else 0
                 self.spec.record(len(drafts), accepted)
+            if deferred:
+                req.spec_token_ids = []
+                continue
             if i < len(result.draft_token_ids):
                 req.spec_token_ids = list(result.draft_token_ids[i])
             streamed = reason is not None

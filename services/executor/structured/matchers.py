@@ -53,6 +53,12 @@ class GrammarMatchers:
     def remove(self, req_id: str) -> None:
         self._entries.pop(req_id, None)
 
+    def ready(self, req_id: str) -> bool:
+        """Whether the request's grammar is compiled (a request that is still waiting for
+        it samples nothing this step instead of holding up the batch)."""
+        entry = self._entries[req_id]
+        return entry.matcher is not None or entry.compiled.done()
+
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._entries
 

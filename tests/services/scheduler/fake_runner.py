@@ -38,6 +38,9 @@ class FakeRunner:
     vocab_size: int = 1000
     # req_id -> {output index: token}: force e.g. an EOS at the 3rd generated token.
     forced: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Requests whose next sampling is deferred once (as the real runner defers a request
+    # whose grammar is still compiling): no token; the scheduler recomputes the last one.
+    defer: set[str] = field(default_factory=set)
     seqs: dict[str, _Seq] = field(default_factory=dict)
     kv: dict[int, int] = field(default_factory=dict)  # slot -> token id written there
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step_id, req_id)
@@ -88,6 +91,13 @@ class FakeRunner:
             if seq.num_computed != len(seq.tokens):
                 continue  # a mid-prompt chunk samples nothing
             context = self._read(req_id, seq, seq.num_computed)
+            if req_id in self.defer:
+                self.defer.discard(req_id)
+                seq.num_computed -= 1
+                req_ids.append(req_id)
+                sampled.append([])
+                reasons.append(0)
+                continue
             out_idx = len(seq.tokens) - seq.num_prompt
             tok = self.forced.get(req_id, {}).get(out_idx)
             if tok is None:

@@ -291,6 +291,26 @@ def test_a_request_the_executors_did_not_sample_is_aborted_not_stalled():
     assert s.stats().num_running == 1
 
 
+def test_a_request_the_runner_deferred_computes_its_last_token_again():
+    """No token and no finish for a request due to sample (its grammar still compiling):
+    the scheduler computes its last token again next step; nothing is aborted."""
+    s, runner = make()
+    add(s, "a", range(100, 110), max_tokens=3)
+    add(s, "b", range(200, 210), max_tokens=3)
+    runner.defer.add("b")
+    plan, outputs = step(s, runner)
+    first_a = expected_tokens(list(range(100, 110)), 1)
+    assert [(o.req_id, o.new_token_ids) for o in outputs] == [("a", first_a)]
+    plan = s.schedule()
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert {c.req_id: c.num_computed_tokens for c in plan.cached_requests} == {"a": 10, "b": 9}
+    outputs = s.update_from_output(plan, runner.step(plan))
+    out = run_all(s, runner)
+    assert out["b"] == (expected_tokens(list(range(200, 210)), 3)[1:], FinishReason.LENGTH)
+    assert [o.req_id for o in outputs] == ["a", "b"]
+    assert s.stats().kv_cache_usage == 0.0
+
+
 def test_mismatched_step_result_is_rejected():
     s, runner = make()
     add(s, "a", range(100, 110))
