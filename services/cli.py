@@ -55,8 +55,8 @@ def _scheduler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from shared.telemetry import RequestSpans, init_tracing
 
     config = engine_config_from_args(args, DEFAULT_MODEL)
-    endpoint = args.otlp_traces_endpoint
-    provider = init_tracing("folio-scheduler", endpoint) if endpoint else None
+    # None unless the flag or the OTEL_* variables name a collector.
+    provider = init_tracing("folio-scheduler", args.otlp_traces_endpoint)
     spans = RequestSpans(provider, "folio-scheduler", "folio.scheduler.request")
     bus = Bus(args.redis_url, args.redis_namespace)
     try:
@@ -77,8 +77,8 @@ def _executor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not 0 <= args.tp_rank < config.tensor_parallel_size:
         parser.error(f"--tp-rank {args.tp_rank} is outside --tensor-parallel-size "
                      f"{config.tensor_parallel_size}")
-    endpoint = args.otlp_traces_endpoint
-    provider = init_tracing("folio-executor", endpoint) if endpoint else None
+    # None unless the flag or the OTEL_* variables name a collector.
+    provider = init_tracing("folio-executor", args.otlp_traces_endpoint)
     spans = RequestSpans(provider, "folio-executor", "folio.executor.request")
     bus = Bus(args.redis_url, args.redis_namespace)
     try:

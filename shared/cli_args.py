@@ -158,7 +158,9 @@ def add_telemetry_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--otlp-traces-endpoint",
         default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-        help="OTLP/HTTP traces endpoint (env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT); none: no export",
+        help="OTLP traces endpoint, e.g. http://collector:4318/v1/traces (env "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT as a base URL); "
+        "OTEL_EXPORTER_OTLP_PROTOCOL=grpc for gRPC (e.g. http://collector:4317); none: no export",
     )
 
 

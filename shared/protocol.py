@@ -191,6 +191,14 @@ def decode(data: bytes, type_: type[msgspec.Struct]):
     return dec.decode(data)
 
 
+class HistogramCounts(_Msg):
+    """One histogram, cumulative since the scheduler started: `counts[i]` observations in
+    bucket i (non-cumulative; the buckets are shared/metric_buckets.py's, one more for +Inf)."""
+
+    counts: list[int] = []
+    total: float = 0.0
+
+
 class EngineStats(_Msg):
     """A scheduler's published state, read by gateways for /metrics and /health."""
 
@@ -208,3 +216,6 @@ class EngineStats(_Msg):
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_tokens_per_pos: list[int] = []
+    # Request phases and step sizes measured by the scheduler, keyed by the folio: metric
+    # name without prefix (request_queue_time_seconds, ...; see shared/metric_buckets.py).
+    histograms: dict[str, HistogramCounts] = {}

@@ -19,7 +19,11 @@ from services.gateway.state import GatewayState
 from shared.detokenizer import IncrementalDetokenizer
 from shared.protocol import FinishReason, Logprobs, TokenDelta
 from shared.sampling_params import SamplingParams
-from shared.telemetry import GenAI
+from shared.telemetry import Event, GenAI
+
+# The GenAI operation (gen_ai.operation.name) by response id prefix: chat completions and
+# the Responses API are chat, /v1/completions is text_completion.
+_OPERATIONS = (("chatcmpl-", "chat"), ("resp_", "chat"), ("cmpl-", "text_completion"))
 
 
 @dataclass(slots=True)
@@ -35,6 +39,7 @@ class Choice:
     stop_reason: str | int | None = None
     text_offset: int = 0  # streaming completions logprobs continue from here
     last_token_time: float = 0.0
+    first_token_time: float = 0.0
 
 
 @dataclass(slots=True)
@@ -62,16 +67,22 @@ class Generation:
         self.want_logprobs = params.logprobs is not None
         self.arrival = time.perf_counter()
         self.created = int(time.time())
+        operation = next((op for prefix, op in _OPERATIONS if request_id.startswith(prefix)), "text_completion")
         self._span, downstream_tp = state.tracer.start(
             request_id,
             traceparent,
             {
-                GenAI.REQUEST_N: params.n,
+                GenAI.OPERATION_NAME: operation,
+                GenAI.SYSTEM: "folio",
+                GenAI.REQUEST_MODEL: state.model_name,
+                GenAI.REQUEST_CHOICE_COUNT: params.n,
                 GenAI.REQUEST_TEMPERATURE: params.temperature,
                 GenAI.REQUEST_TOP_P: params.top_p,
                 GenAI.REQUEST_MAX_TOKENS: max(max_tokens),
+                GenAI.RESPONSE_ID: request_id,
                 GenAI.RESPONSE_MODEL: state.model_name,
             },
+            name=f"{operation} {state.model_name}",
         )
         try:
             self.reqs = expand(request_id, prompts, params, max_tokens, state.client.reply_to, downstream_tp)
@@ -115,14 +126,15 @@ class Generation:
         if self._unfinished:
             self.state.client.abort(list(self._unfinished))
             now = time.perf_counter()
-            for _ in self._unfinished:
-                self.state.metrics.finished("error" if error else "abort", now - self.arrival)
+            for req_id in self._unfinished:
+                self._finished_metrics(self._by_id[req_id], "error" if error else "abort", now)
             self._unfinished.clear()
+        self.state.tracer.event(self._span, Event.FINISHED)
         self.state.tracer.end(
             self._span,
             {
-                GenAI.USAGE_PROMPT_TOKENS: self.prompt_tokens,
-                GenAI.USAGE_COMPLETION_TOKENS: self.completion_tokens,
+                GenAI.USAGE_INPUT_TOKENS: self.prompt_tokens,
+                GenAI.USAGE_OUTPUT_TOKENS: self.completion_tokens,
                 GenAI.RESPONSE_FINISH_REASONS: [c.finish_reason or "abort" for c in self.choices],
                 GenAI.LATENCY_E2E: time.perf_counter() - self.arrival,
             },
@@ -143,7 +155,7 @@ class Generation:
         choice = self._by_id[delta.req_id]
         if delta.error:
             self._unfinished.discard(choice.req_id)
-            self.state.metrics.finished("error", time.perf_counter() - self.arrival)
+            self._finished_metrics(choice, "error", time.perf_counter())
             raise EngineError(delta.error)
         metrics = self.state.metrics
         now = time.perf_counter()
@@ -151,6 +163,9 @@ class Generation:
         if new_ids:
             if choice.last_token_time == 0.0:
                 metrics.ttft.observe(now - self.arrival)
+                choice.first_token_time = now
+                if not any(c.first_token_time for c in self.choices if c is not choice):
+                    self.state.tracer.event(self._span, Event.FIRST_TOKEN)
             else:
                 metrics.itl.observe(now - choice.last_token_time)
             choice.last_token_time = now
@@ -179,9 +194,21 @@ class Generation:
             finished = True
         if finished:
             self._unfinished.discard(choice.req_id)
-            metrics.finished(choice.finish_reason, now - self.arrival)
+            self._finished_metrics(choice, choice.finish_reason, now)
         choice.text += text
         return Update(choice, text, lps, finished)
+
+    def _finished_metrics(self, choice: Choice, reason: str | None, now: float) -> None:
+        """One choice is over: vLLM's per-request metrics (each choice is a request there)."""
+        decode_s = choice.last_token_time - choice.first_token_time if choice.first_token_time else 0.0
+        self.state.metrics.finished(
+            reason or "abort",
+            now - self.arrival,
+            num_prompt_tokens=len(choice.prompt_ids) if self._stream is not None else None,
+            num_generation_tokens=len(choice.token_ids),
+            decode_s=decode_s,
+            max_tokens=self.reqs[choice.index].sampling_params.max_tokens,
+        )
 
     # ------------------------------------------------------------------ totals
     @property

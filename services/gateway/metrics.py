@@ -1,9 +1,18 @@
-"""Prometheus metrics with vLLM's meanings under a `folio:` prefix.
+"""Prometheus metrics with vLLM's v1 names and meanings under a `folio:` prefix.
 
-Engine state (running/waiting requests, KV cache usage, prefix cache, preemptions,
-speculative decoding counters) is owned by the schedulers: it is read from their
-published EngineStats at scrape time and summed over engines. Request-level metrics
-(tokens, finish reasons, latencies) are measured here, where the client's clock is.
+Who exports what (docs/architecture.md, "Metrics", has the table and the PromQL rules):
+
+- Request series, labels `model_name`: measured here, where the client's clock is, for the
+  requests this gateway served. Each request is counted by exactly one gateway, so a plain
+  `sum` over gateways is the true total: prompt/generation tokens, request_success by
+  finished_reason, TTFT, inter-token latency, time per output token, e2e latency, prompt
+  and generation lengths, max_tokens.
+- Engine series, labels `model_name, engine`: owned by the schedulers, read from their
+  published EngineStats at scrape time: running/waiting requests, KV cache usage, prefix
+  cache queries/hits, preemptions, spec decoding, tokens per step, and the request phases
+  only the scheduler sees (queue, prefill, decode, inference time). Every gateway exports
+  the same numbers for an engine, so aggregate them per engine first:
+  `sum(max by (model_name, engine) (...))`.
 
 NOTE: with n > 1, `prompt_tokens` counts the prompt once per choice, as vLLM does (each
 of the n choices is its own request in vLLM's output processor, which adds that
@@ -15,207 +24,165 @@ collide.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from shared.protocol import EngineStats
+from shared.metric_buckets import (
+    ENGINE_HISTOGRAMS,
+    REQUEST_LATENCY_BUCKETS,
+    TOKEN_LATENCY_BUCKETS,
+    TTFT_BUCKETS,
+    buckets_1_2_5,
+)
+from shared.protocol import EngineStats, HistogramCounts
 
-# vLLM's buckets.
-_TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-    640.0,
-    2560.0,
-)
-_ITL_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-_E2E_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-    1920.0,
-    7680.0,
-)
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# Token-count buckets go up to max_model_len in vLLM; a gateway started without one uses this.
+DEFAULT_MAX_MODEL_LEN = 131072
+
+# Engine counters and gauges: (name, help, EngineStats field).
+_ENGINE_GAUGES = (
+    ("folio:num_requests_running", "Number of requests in model execution batches.", "num_running"),
+    ("folio:num_requests_waiting", "Number of requests waiting to be processed.", "num_waiting"),
+    ("folio:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
+)
+_ENGINE_COUNTERS = (
+    ("folio:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+     "prefix_cache_queries"),
+    ("folio:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits"),
+    ("folio:num_preemptions", "Cumulative number of preemption from the engine.", "num_preemptions"),
+    ("folio:spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_num_drafts"),
+    ("folio:spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_num_draft_tokens"),
+    ("folio:spec_decode_num_accepted_tokens", "Number of accepted tokens.", "spec_num_accepted_tokens"),
+)
+
+
+def _histogram_samples(buckets: tuple[float, ...], h: HistogramCounts) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs; a snapshot from a scheduler with other buckets (another
+    version) is folded into +Inf rather than mislabelled."""
+    out, running = [], 0
+    if len(h.counts) == len(buckets) + 1:
+        for bound, n in zip(buckets, h.counts, strict=False):
+            running += n
+            out.append((_le(bound), running))
+    out.append(("+Inf", sum(h.counts)))
+    return out
+
+
+def _le(bound: float) -> str:
+    # prometheus_client's own rendering of bucket bounds (1 → "1.0"), as its Histograms use.
+    return floatToGoString(bound)
 
 
 class EngineStatsCollector(Collector):
-    """Exposes the last EngineStats snapshot (set just before each scrape)."""
+    """Exposes the engines' last EngineStats snapshots (set just before each scrape), one
+    series per engine."""
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.stats: list[EngineStats] = []
 
-    def collect(self):
-        labels, values = ["model_name"], [self.model_name]
-        s = self.stats
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "engine"]
+        engines = sorted(self.stats, key=lambda e: e.engine_id)
+        for name, doc, field in _ENGINE_GAUGES:
             g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(values, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            for e in engines:
+                g.add_metric([self.model_name, e.engine_id], getattr(e, field))
+            yield g
+        for name, doc, field in _ENGINE_COUNTERS:
             c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(values, value)
-            return c
-
-        total_blocks = sum(e.num_blocks for e in s)
-        if total_blocks:
-            usage = sum(e.kv_cache_usage * e.num_blocks for e in s) / total_blocks
-        else:
-            usage = sum(e.kv_cache_usage for e in s) / len(s) if s else 0.0
-        yield gauge(
-            "folio:num_requests_running",
-            "Number of requests in model execution batches.",
-            sum(e.num_running for e in s),
-        )
-        yield gauge(
-            "folio:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            sum(e.num_waiting for e in s),
-        )
-        yield gauge("folio:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage)
-        yield counter(
-            "folio:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            sum(e.prefix_cache_queries for e in s),
-        )
-        yield counter(
-            "folio:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            sum(e.prefix_cache_hits for e in s),
-        )
-        yield counter(
-            "folio:num_preemptions",
-            "Cumulative number of preemptions from the engine.",
-            sum(e.num_preemptions for e in s),
-        )
-        yield counter(
-            "folio:spec_decode_num_drafts",
-            "Number of spec decoding drafts.",
-            sum(e.spec_num_drafts for e in s),
-        )
-        yield counter(
-            "folio:spec_decode_num_draft_tokens",
-            "Number of draft tokens.",
-            sum(e.spec_num_draft_tokens for e in s),
-        )
-        yield counter(
-            "folio:spec_decode_num_accepted_tokens",
-            "Number of accepted tokens.",
-            sum(e.spec_num_accepted_tokens for e in s),
-        )
+            for e in engines:
+                c.add_metric([self.model_name, e.engine_id], getattr(e, field))
+            yield c
         per_pos = CounterMetricFamily(
             "folio:spec_decode_num_accepted_tokens_per_pos",
             "Accepted tokens per draft position.",
             labels=labels + ["position"],
         )
-        width = max((len(e.spec_accepted_tokens_per_pos) for e in s), default=0)
-        for pos in range(width):
-            counts = (e.spec_accepted_tokens_per_pos for e in s)
-            per_pos.add_metric(values + [str(pos)], sum(c[pos] for c in counts if pos < len(c)))
+        for e in engines:
+            for pos, n in enumerate(e.spec_accepted_tokens_per_pos):
+                per_pos.add_metric([self.model_name, e.engine_id, str(pos)], n)
         yield per_pos
+        for short, (buckets, doc) in ENGINE_HISTOGRAMS.items():
+            h = HistogramMetricFamily(f"folio:{short}", doc, labels=labels)
+            for e in engines:
+                counts = e.histograms.get(short)
+                if counts is not None:
+                    h.add_metric([self.model_name, e.engine_id], _histogram_samples(buckets, counts),
+                                 sum_value=counts.total)
+            yield h
 
 
 class GatewayMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int | None = None) -> None:
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
         self.engine = EngineStatsCollector(model_name)
         r.register(self.engine)
-        self.prompt_tokens = Counter(
-            "folio:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r
-        ).labels(model_name)
-        self.generation_tokens = Counter(
-            "folio:generation_tokens", "Number of generation tokens processed.", labels, registry=r
-        ).labels(model_name)
+        lengths = buckets_1_2_5(max_model_len or DEFAULT_MAX_MODEL_LEN)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.prompt_tokens = counter("folio:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("folio:generation_tokens", "Number of generation tokens processed.")
         success = Counter(
             "folio:request_success",
-            "Count of finished requests by finish reason.",
+            "Count of successfully processed requests.",
             labels + ["finished_reason"],
             registry=r,
         )
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
-        self.ttft = Histogram(
-            "folio:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            labels,
-            buckets=_TTFT_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.itl = Histogram(
-            "folio:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
-            labels,
-            buckets=_ITL_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            "folio:e2e_request_latency_seconds",
-            "Histogram of e2e request latency in seconds.",
-            labels,
-            buckets=_E2E_BUCKETS,
-            registry=r,
-        ).labels(model_name)
+        self.ttft = histogram("folio:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+        self.itl = histogram("folio:inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", TOKEN_LATENCY_BUCKETS)
+        self.tpot = histogram("folio:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("folio:e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS)
+        self.prompt_len = histogram("folio:request_prompt_tokens",
+                                    "Number of prefill tokens processed.", lengths)
+        self.generation_len = histogram("folio:request_generation_tokens",
+                                        "Number of generation tokens processed.", lengths)
+        self.max_tokens = histogram("folio:request_params_max_tokens",
+                                    "Histogram of the max_tokens request parameter.", lengths)
 
-    def finished(self, reason: str, e2e_s: float) -> None:
+    def finished(
+        self,
+        reason: str,
+        e2e_s: float,
+        num_prompt_tokens: int | None = None,
+        num_generation_tokens: int = 0,
+        decode_s: float = 0.0,
+        max_tokens: int | None = None,
+    ) -> None:
+        """One request (one choice of n) finished. Lengths and time per output token are
+        observed for requests whose prompt reached the engine (`num_prompt_tokens` given);
+        time per output token needs two tokens (decode time / (tokens - 1), as vLLM)."""
         self.success.get(reason, self.success["error"]).inc()
         self.e2e.observe(e2e_s)
+        if num_prompt_tokens is None:
+            return
+        self.prompt_len.observe(num_prompt_tokens)
+        self.generation_len.observe(num_generation_tokens)
+        if max_tokens:
+            self.max_tokens.observe(max_tokens)
+        if num_generation_tokens > 1:
+            self.tpot.observe(decode_s / (num_generation_tokens - 1))
 
     def render(self, stats: list[EngineStats]) -> bytes:
         self.engine.stats = stats

@@ -66,6 +66,10 @@ class Request:
     # Prompt tokens served from the prefix cache at first admission (reported to clients).
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Wall-clock times (0: not yet) for metrics and span events: the first step that
+    # scheduled it (a preempted request keeps its first) and its first sampled token.
+    scheduled_ts: float = 0.0
+    first_token_ts: float = 0.0
     # Speculative decoding: draft tokens the executor proposed for the next step (never
     # part of output_token_ids; verified, then dropped or turned into output).
     spec_token_ids: list[int] = field(default_factory=list)

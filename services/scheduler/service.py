@@ -48,7 +48,8 @@ from shared.protocol import (
     TokenBatch,
     TokenDelta,
 )
-from shared.telemetry import GenAI, RequestSpans
+from shared.metric_buckets import Histograms
+from shared.telemetry import Event, GenAI, RequestSpans
 
 log = logging.getLogger("folio.scheduler")
 
@@ -87,6 +88,7 @@ class SchedulerService:
         self._last_stats = 0.0
         self._last_rescue = 0.0
         self._silent: set[str] = set()  # reply channels with no subscriber at the last check
+        self.histograms = Histograms()  # request phases and step sizes, published in EngineStats
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -226,7 +228,9 @@ class SchedulerService:
                 if await self._publish_stats(force=busy):  # busy → idle: KV usage back to baseline now
                     await self._check_executors("while idle")
                 continue
+            preemptions = sched.num_preemptions
             plan = sched.schedule()
+            self._note_scheduled(plan, sched.num_preemptions - preemptions)
             flush = False
             stalled = plan.total_num_scheduled_tokens == 0
             if stalled and not plan.finished_req_ids:
@@ -241,6 +245,7 @@ class SchedulerService:
             await self._admit(claimed)
             result = await self._wait_result(plan, got, sent_at)
             outputs = sched.update_from_output(plan, result)
+            self._note_first_tokens(outputs)
             await self._finish(outputs)
             await self._publish_stats(force=not sched.has_unfinished_requests())
 
@@ -364,8 +369,9 @@ class SchedulerService:
                     GenAI.REQUEST_MAX_TOKENS: p.max_tokens or 0,
                     GenAI.REQUEST_TEMPERATURE: p.temperature,
                     GenAI.REQUEST_TOP_P: p.top_p,
-                    GenAI.USAGE_PROMPT_TOKENS: req.num_prompt_tokens,
+                    GenAI.USAGE_INPUT_TOKENS: req.num_prompt_tokens,
                 }, start_time=req.arrival_time)
+                self.spans.event(req.req_id, Event.QUEUED)
         if resumed_from and admitted:
             await self._resume(admitted, resumed_from)
         await self._reply(replies)
@@ -406,6 +412,7 @@ class SchedulerService:
         stream_ids = {rid: r.stream_id for rid in ids if (r := sched.get_request(rid)) is not None}
         done = sched.abort_requests(ids)
         for req_id in done:
+            self.spans.event(req_id, Event.FINISHED)
             self.spans.end(req_id, {GenAI.RESPONSE_FINISH_REASONS: ["abort"]})
         await self._retire([stream_ids[r] for r in done])
         now = time.monotonic()
@@ -436,11 +443,14 @@ class SchedulerService:
                                                         index=req.num_output_tokens,
                                                         finish_reason=int(o.finish_reason),
                                                         num_prompt_tokens=o.num_prompt_tokens))
+            self._note_finished(req)
             if self.spans.enabled:
+                now = time.time()
+                self.spans.event(o.req_id, Event.FINISHED, now)
                 self.spans.end(o.req_id, {
-                    GenAI.USAGE_COMPLETION_TOKENS: req.num_output_tokens,
+                    GenAI.USAGE_OUTPUT_TOKENS: req.num_output_tokens,
                     GenAI.RESPONSE_FINISH_REASONS: [o.finish_reason.openai],
-                    GenAI.LATENCY_E2E: time.time() - req.arrival_time,
+                    GenAI.LATENCY_E2E: now - req.arrival_time,
                 }, error=o.error)
         if replies:
             await self._reply(replies)
@@ -495,8 +505,52 @@ class SchedulerService:
             spec_num_draft_tokens=s.spec_decode.num_draft_tokens,
             spec_num_accepted_tokens=s.spec_decode.num_accepted_tokens,
             spec_accepted_tokens_per_pos=list(s.spec_decode.accepted_tokens_per_pos),
+            histograms=self.histograms.snapshot(),
         ))
         return True
+
+    # ------------------------------------------------------------------ metrics and span events
+    # Times are wall-clock (time.time()): queue time starts at the gateway's arrival_time.
+    def _note_scheduled(self, plan: StepPlan, num_preempted: int) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        now = time.time()
+        if plan.total_num_scheduled_tokens:
+            self.histograms.observe("iteration_tokens_total", plan.total_num_scheduled_tokens)
+        for new in plan.new_requests:  # new, or back after a preemption
+            req = sched.get_request(new.req_id)
+            if req is not None and not req.scheduled_ts:
+                req.scheduled_ts = now
+                if self.spans.enabled:
+                    self.spans.event(req.req_id, Event.FIRST_SCHEDULED, now)
+                    self.spans.set(req.req_id, {GenAI.LATENCY_TIME_IN_QUEUE: now - req.arrival_time})
+        # A step admits nothing after it preempts, and preemption puts its victims at the
+        # front of the waiting queue: the first num_preempted waiting requests are this step's.
+        if num_preempted and self.spans.enabled:
+            for req in list(sched.waiting)[:num_preempted]:
+                self.spans.event(req.req_id, Event.PREEMPTED, now)
+
+    def _note_first_tokens(self, outputs: list[EngineCoreOutput]) -> None:
+        now = time.time()
+        for o in outputs:
+            req = o.request
+            if req is not None and o.new_token_ids and not req.first_token_ts:
+                req.first_token_ts = now
+                if self.spans.enabled:
+                    self.spans.event(req.req_id, Event.FIRST_TOKEN, now)
+                    self.spans.set(req.req_id, {GenAI.LATENCY_TIME_TO_FIRST_TOKEN: now - req.arrival_time})
+
+    def _note_finished(self, req: Request) -> None:
+        """vLLM's request phases, for a request that ran to a token-level finish."""
+        if not (req.scheduled_ts and req.first_token_ts):
+            return  # failed before its first token: no phases to report
+        now = time.time()
+        h = self.histograms
+        h.observe("request_queue_time_seconds", max(0.0, req.scheduled_ts - req.arrival_time))
+        h.observe("request_prefill_time_seconds", req.first_token_ts - req.scheduled_ts)
+        h.observe("request_decode_time_seconds", now - req.first_token_ts)
+        h.observe("request_inference_time_seconds", now - req.scheduled_ts)
+
 
 
 def _stream_order(stream_id: bytes) -> tuple[int, int]:

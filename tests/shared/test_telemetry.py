@@ -41,17 +41,17 @@ def test_request_spans_carry_gen_ai_attributes():
     with provider.get_tracer("gw").start_as_current_span("gw") as parent:
         tp = inject_traceparent()
     spans = RequestSpans(provider, "folio-scheduler", "folio.scheduler.request")
-    spans.start("r1", tp, {GenAI.REQUEST_MAX_TOKENS: 8, GenAI.USAGE_PROMPT_TOKENS: 5})
+    spans.start("r1", tp, {GenAI.REQUEST_MAX_TOKENS: 8, GenAI.USAGE_INPUT_TOKENS: 5})
     spans.start("r2", "", {})  # untraced request: no span
     assert "r1" in spans and "r2" not in spans
-    spans.end("r1", {GenAI.USAGE_COMPLETION_TOKENS: 8})
+    spans.end("r1", {GenAI.USAGE_OUTPUT_TOKENS: 8})
     spans.end("r2")
     [span] = [s for s in exporter.get_finished_spans() if s.name == "folio.scheduler.request"]
     assert span.parent.span_id == parent.get_span_context().span_id
     assert span.attributes[GenAI.REQUEST_ID] == "r1"
     assert span.attributes[GenAI.REQUEST_MAX_TOKENS] == 8
-    assert span.attributes[GenAI.USAGE_PROMPT_TOKENS] == 5
-    assert span.attributes[GenAI.USAGE_COMPLETION_TOKENS] == 8
+    assert span.attributes[GenAI.USAGE_INPUT_TOKENS] == 5
+    assert span.attributes[GenAI.USAGE_OUTPUT_TOKENS] == 8
 
 
 def test_disabled_spans_are_noops():
@@ -60,3 +60,44 @@ def test_disabled_spans_are_noops():
     spans.start("r", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", {})
     assert "r" not in spans
     spans.end("r")
+
+
+def test_exporter_config_from_flag_and_standard_variables():
+    from shared.telemetry import DEFAULT_EXPORT_TIMEOUT_S, exporter_config
+
+    assert exporter_config(None, {}) is None  # nothing configured: nothing exported
+    c = exporter_config("http://c:4318/v1/traces", {})
+    assert (c.endpoint, c.protocol, c.timeout_s) == ("http://c:4318/v1/traces", "http/protobuf",
+                                                     DEFAULT_EXPORT_TIMEOUT_S)
+    # vLLM users pass the collector's root: the signal path is added for HTTP.
+    assert exporter_config("http://c:4318", {}).endpoint == "http://c:4318/v1/traces"
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/custom"}
+    assert exporter_config(None, env).endpoint == "http://t:4318/custom"  # as given
+    assert exporter_config("http://flag:4318/v1/traces", env).endpoint == "http://flag:4318/v1/traces"
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://b:4318/", "OTEL_EXPORTER_OTLP_TIMEOUT": "5"}
+    c = exporter_config(None, base)
+    assert c.endpoint == "http://b:4318/v1/traces" and c.timeout_s is None  # the SDK reads the variable
+    grpc = exporter_config(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://b:4317",
+                                  "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert (grpc.endpoint, grpc.protocol) == ("http://b:4317", "grpc")  # gRPC has no path
+    assert exporter_config("http://c:4318", {"OTEL_SDK_DISABLED": "true"}) is None
+    assert exporter_config("http://c:4318", {"OTEL_TRACES_EXPORTER": "none"}) is None
+    try:
+        exporter_config("http://c:4318", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+        raise AssertionError("http/json must be refused, not silently sent as protobuf")
+    except ValueError as e:
+        assert "http/json" in str(e)
+
+
+def test_init_tracing_builds_the_configured_exporter():
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    assert init_tracing("folio-gateway", None, set_global=False, env={}) is None
+    for env, kind in (({}, Http), ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, Grpc)):
+        provider = init_tracing("folio-gateway", "http://127.0.0.1:9", set_global=False, env=env)
+        [processor] = provider._active_span_processor._span_processors
+        assert isinstance(processor._batch_processor._exporter, kind)
+        assert provider.resource.attributes["service.name"] == "folio-gateway"
+        assert provider.resource.attributes["folio.component"] == "gateway"
+        provider.shutdown()

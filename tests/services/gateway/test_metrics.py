@@ -1,53 +1,76 @@
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from services.gateway.metrics import GatewayMetrics
+from shared.metric_buckets import ENGINE_HISTOGRAMS, Histograms
 from shared.protocol import EngineStats
 
 
-def _series(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, v = line.rsplit(" ", 1)
-            out[k] = float(v)
-    return out
+def _series(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) → value, parsed as Prometheus parses it."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
-def test_engine_stats_summed_and_kv_usage_block_weighted():
+def test_engine_series_per_engine():
     m = GatewayMetrics("m")
+    h = Histograms()
+    h.observe("request_queue_time_seconds", 0.4)
+    h.observe("request_queue_time_seconds", 0.3)  # le="0.3" holds 0.3 (Prometheus buckets are <=)
+    h.observe("iteration_tokens_total", 20000)  # past the last bound: +Inf only
     stats = [
-        EngineStats(
-            engine_id="a",
-            num_running=2,
-            num_waiting=1,
-            kv_cache_usage=0.5,
-            prefix_cache_queries=10,
-            prefix_cache_hits=4,
-            num_preemptions=1,
-            num_blocks=100,
-        ),
+        EngineStats(engine_id="a", num_running=2, num_waiting=1, kv_cache_usage=0.5, prefix_cache_queries=10,
+                    prefix_cache_hits=4, num_preemptions=1, num_blocks=100, histograms=h.snapshot()),
         EngineStats(engine_id="b", num_running=3, kv_cache_usage=0.0, prefix_cache_queries=5, num_blocks=300),
     ]
     s = _series(m.render(stats).decode())
-    assert s['folio:num_requests_running{model_name="m"}'] == 5
-    assert s['folio:num_requests_waiting{model_name="m"}'] == 1
-    assert s['folio:kv_cache_usage_perc{model_name="m"}'] == 0.125
-    assert s['folio:prefix_cache_queries_total{model_name="m"}'] == 15
-    assert s['folio:prefix_cache_hits_total{model_name="m"}'] == 4
-    assert s['folio:num_preemptions_total{model_name="m"}'] == 1
-    # No engine: zeros, not missing series.
-    s = _series(m.render([]).decode())
-    assert s['folio:num_requests_running{model_name="m"}'] == 0
+    a = (("engine", "a"), ("model_name", "m"))
+    b = (("engine", "b"), ("model_name", "m"))
+    assert s[("folio:num_requests_running", a)] == 2 and s[("folio:num_requests_running", b)] == 3
+    assert s[("folio:num_requests_waiting", a)] == 1
+    assert s[("folio:kv_cache_usage_perc", a)] == 0.5
+    assert s[("folio:prefix_cache_queries_total", b)] == 5
+    assert s[("folio:prefix_cache_hits_total", a)] == 4
+    assert s[("folio:num_preemptions_total", a)] == 1
+    q = "folio:request_queue_time_seconds"
+    assert s[(q + "_count", a)] == 2 and abs(s[(q + "_sum", a)] - 0.7) < 1e-9
+    assert s[(q + "_bucket", (("engine", "a"), ("le", "0.3"), ("model_name", "m")))] == 1
+    assert s[(q + "_bucket", (("engine", "a"), ("le", "0.5"), ("model_name", "m")))] == 2
+    it = "folio:iteration_tokens_total"
+    assert s[(it + "_bucket", (("engine", "a"), ("le", "16384.0"), ("model_name", "m")))] == 0
+    assert s[(it + "_bucket", (("engine", "a"), ("le", "+Inf"), ("model_name", "m")))] == 1
+    assert (q + "_count", b) not in s  # an engine without the histogram (older scheduler): none
+    assert set(ENGINE_HISTOGRAMS) == {"request_queue_time_seconds", "request_prefill_time_seconds",
+                                      "request_decode_time_seconds", "request_inference_time_seconds",
+                                      "iteration_tokens_total"}
+    # No engine: no engine series (there is nothing to label them with).
+    assert not [k for k in _series(m.render([]).decode()) if k[0] == "folio:num_requests_running"]
 
 
 def test_request_metrics_and_separate_registries():
-    a, b = GatewayMetrics("m"), GatewayMetrics("m")
+    a, b = GatewayMetrics("m", max_model_len=1024), GatewayMetrics("m")
     a.prompt_tokens.inc(7)
-    a.finished("stop", 0.2)
+    a.finished("stop", 0.2, num_prompt_tokens=7, num_generation_tokens=5, decode_s=0.4, max_tokens=5)
+    a.finished("abort", 0.1)  # never reached the engine: no lengths
+    a.finished("length", 0.3, num_prompt_tokens=3, num_generation_tokens=1, decode_s=0.0, max_tokens=1)
     a.ttft.observe(0.05)
     s = _series(a.render([]).decode())
-    assert s['folio:prompt_tokens_total{model_name="m"}'] == 7
-    assert s['folio:request_success_total{finished_reason="stop",model_name="m"}'] == 1
-    assert s['folio:e2e_request_latency_seconds_count{model_name="m"}'] == 1
-    assert s['folio:time_to_first_token_seconds_count{model_name="m"}'] == 1
-    assert _series(b.render([]).decode())['folio:prompt_tokens_total{model_name="m"}'] == 0
+    m = (("model_name", "m"),)
+    assert s[("folio:prompt_tokens_total", m)] == 7
+    assert s[("folio:request_success_total", (("finished_reason", "stop"), ("model_name", "m")))] == 1
+    assert s[("folio:request_success_total", (("finished_reason", "abort"), ("model_name", "m")))] == 1
+    assert s[("folio:e2e_request_latency_seconds_count", m)] == 3
+    assert s[("folio:time_to_first_token_seconds_count", m)] == 1
+    assert s[("folio:request_prompt_tokens_count", m)] == 2 and s[("folio:request_prompt_tokens_sum", m)] == 10
+    assert s[("folio:request_generation_tokens_sum", m)] == 6
+    # decode time over the tokens after the first; a one-token request has no such time.
+    assert s[("folio:request_time_per_output_token_seconds_count", m)] == 1
+    assert abs(s[("folio:request_time_per_output_token_seconds_sum", m)] - 0.1) < 1e-9
+    # Token-count buckets are vLLM's 1-2-5 series up to max_model_len.
+    les = [dict(k[1])["le"] for k in s if k[0] == "folio:request_prompt_tokens_bucket"]
+    assert les[-2:] == ["1000.0", "+Inf"]
+    assert _series(b.render([]).decode())[("folio:prompt_tokens_total", m)] == 0

@@ -20,13 +20,13 @@ def test_without_tracing_the_client_traceparent_passes_through():
 def test_gateway_span_continues_the_client_trace():
     exporter = InMemorySpanExporter()
     tracer = GatewayTracer(None, processor=SimpleSpanProcessor(exporter))
-    span, tp = tracer.start("cmpl-1", INCOMING, {"gen_ai.request.n": 2})
+    span, tp = tracer.start("cmpl-1", INCOMING, {"gen_ai.request.choice.count": 2})
     assert tp.split("-")[1] == INCOMING.split("-")[1]  # same trace id
     assert tp.split("-")[2] != INCOMING.split("-")[2]  # our own span as the parent downstream
-    tracer.end(span, {"gen_ai.usage.completion_tokens": 5})
+    tracer.end(span, {"gen_ai.usage.output_tokens": 5})
     (s,) = exporter.get_finished_spans()
     assert (
-        s.attributes["gen_ai.request.id"] == "cmpl-1" and s.attributes["gen_ai.usage.completion_tokens"] == 5
+        s.attributes["gen_ai.request.id"] == "cmpl-1" and s.attributes["gen_ai.usage.output_tokens"] == 5
     )
     tracer.shutdown()
 

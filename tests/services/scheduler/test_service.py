@@ -18,7 +18,7 @@ from services.engine.engine_core import EngineCore
 from services.scheduler.request import Request
 from shared.bus import SCHEDULER_GROUP, Bus
 from shared.config import EngineConfig
-from shared.protocol import FinishReason, GenerateRequest, TokenDelta
+from shared.protocol import FinishReason, GenerateRequest, HistogramCounts, TokenDelta
 from shared.sampling_params import SamplingParams
 from tests.tiny_models import make_tiny_model
 
@@ -271,7 +271,7 @@ async def test_spans_continue_the_gateways_trace(redis_url, model):
 
     from services.executor.service import ExecutorService, build_runner
     from services.scheduler.service import SchedulerService
-    from shared.telemetry import GenAI, RequestSpans, init_tracing, inject_traceparent
+    from shared.telemetry import Event, GenAI, RequestSpans, init_tracing, inject_traceparent
 
     exporter = InMemorySpanExporter()
     provider = init_tracing("test", None, processor=SimpleSpanProcessor(exporter), set_global=False)
@@ -300,6 +300,11 @@ async def test_spans_continue_the_gateways_trace(redis_url, model):
         while len([s for s in exporter.get_finished_spans() if s.name != "folio.gateway.request"]) < 2:
             assert time.monotonic() < deadline, exporter.get_finished_spans()
             await asyncio.sleep(0.02)
+        # The request's phases reach the published stats (forced once the engine is idle).
+        while not (stats := await bus.engine_stats()) or not stats[0].histograms.get(
+                "request_decode_time_seconds", HistogramCounts()).counts:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
         await pubsub.aclose()
     finally:
         scheduler.request_stop()
@@ -311,10 +316,21 @@ async def test_spans_continue_the_gateways_trace(redis_url, model):
         assert span.context.trace_id == root.get_span_context().trace_id
         assert span.parent.span_id == root.get_span_context().span_id
         assert span.attributes[GenAI.REQUEST_ID] == "t1"
-        assert span.attributes[GenAI.USAGE_PROMPT_TOKENS] == 4
-        assert span.attributes[GenAI.USAGE_COMPLETION_TOKENS] == 3
-    assert spans["folio.scheduler.request"].attributes[GenAI.REQUEST_MAX_TOKENS] == 3
-    assert list(spans["folio.scheduler.request"].attributes[GenAI.RESPONSE_FINISH_REASONS]) == ["length"]
+        assert span.attributes[GenAI.USAGE_INPUT_TOKENS] == 4
+        assert span.attributes[GenAI.USAGE_OUTPUT_TOKENS] == 3
+    sched_span = spans["folio.scheduler.request"]
+    assert sched_span.attributes[GenAI.REQUEST_MAX_TOKENS] == 3
+    assert list(sched_span.attributes[GenAI.RESPONSE_FINISH_REASONS]) == ["length"]
+    events = [e.name for e in sched_span.events]
+    assert events == [Event.QUEUED, Event.FIRST_SCHEDULED, Event.FIRST_TOKEN, Event.FINISHED]
+    times = [e.timestamp for e in sched_span.events]
+    assert times == sorted(times) and sched_span.start_time <= times[0] and times[-1] <= sched_span.end_time
+    # One request: one observation of each phase; 3 steps (the 4 prompt tokens, then the
+    # first and second sampled tokens) of 4 + 1 + 1 tokens.
+    h = stats[0].histograms
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert sum(h[f"request_{phase}_time_seconds"].counts) == 1, phase
+    assert sum(h["iteration_tokens_total"].counts) == 3 and h["iteration_tokens_total"].total == 6
 
 
 async def test_requests_of_a_gone_gateway_are_aborted(redis_url):
