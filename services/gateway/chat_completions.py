@@ -81,18 +81,18 @@ async def _full(
         await gen.next_update()
     choices = []
     for c in gen.choices:
-        # Calls only from a completed reply (a grammar or the model ended it: "stop").
-        reply = tools.reply(c.text) if tools is not None and c.finish_reason == "stop" else None
-        calls = None if reply is None else reply[1]
+        reply = tools.reply(c.text, c.finish_reason) if tools is not None else None
         message = {"role": "assistant", "content": echo + c.text}
+        finish_reason = c.finish_reason
         if reply is not None:
-            message = {"role": "assistant", "content": reply[0], "tool_calls": calls}
+            content, calls, finish_reason = reply
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
         choices.append(
             {
                 "index": c.index,
                 "message": message,
                 "logprobs": None if top_k is None else {"content": state.logprobs.chat(c.logprobs, top_k)},
-                "finish_reason": "tool_calls" if calls is not None else c.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             }
         )
@@ -143,9 +143,9 @@ async def _stream(
             c = u.choice
             lp = None if top_k is None else {"content": state.logprobs.chat(u.logprobs, top_k)}
             if calls is not None:
-                text = calls.content(c)
-                if text or lp is not None:
-                    buf.append(chunk(c.index, {"content": text} if text else {}, lp))
+                delta = calls.delta(c)
+                if delta or lp is not None:
+                    buf.append(chunk(c.index, delta, lp))
                 if u.finished:
                     delta, reason = calls.finish(c)
                     buf.append(chunk(c.index, delta, None, reason, c.stop_reason))

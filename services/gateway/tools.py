@@ -10,8 +10,9 @@
                                      --tool-call-parser (tool_parsers.py); without one, a 400
 
 Calls come back as `message.tool_calls` (ids `call_…`; `content` null, or the text before
-an auto call) with `finish_reason: "tool_calls"`; a call cut by max_tokens stays text with
-"length".
+an auto call) with `finish_reason: "tool_calls"`. A required or auto call cut by max_tokens
+stays text with "length"; a named call keeps its partial arguments with "length" (its
+arguments stream as they are decoded, see tool_stream.py).
 """
 
 from __future__ import annotations
@@ -58,8 +59,17 @@ class ToolPlan:
             return _compact(array)
         return None
 
-    def reply(self, text: str) -> tuple[str | None, list[dict]] | None:
-        """(content, tool calls) of a completed output, or None when it holds no call."""
+    def reply(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict], str | None] | None:
+        """(content, tool calls, finish reason) of a finished output, or None when it holds
+        no call (then it is plain text with its own finish reason)."""
+        if self.mode == "named":
+            # The output *is* the arguments, sent as the grammar produced them (streamed
+            # piece by piece, so both responses carry the same text). Cut by max_tokens, the
+            # call keeps its partial arguments and "length", as OpenAI reports it.
+            reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            return None, [tool_call(self.name, text)], reason
+        if finish_reason != "stop":  # calls only from a completed reply
+            return None
         if self.mode == "auto":
             assert self.parser is not None
             found = self.parser.parse(text)
@@ -68,18 +78,15 @@ class ToolPlan:
             content, calls = found
             if not self.parallel:  # the model was told one call; keep only the first
                 calls = calls[:1]
-            return content, [tool_call(name, args) for name, args in calls]
-        if not self.forced:
+            return content, [tool_call(name, args) for name, args in calls], "tool_calls"
+        if self.mode != "required":
             return None
         try:
             value = json.loads(text)
         except ValueError:
             return None
-        if self.mode == "named":
-            pairs = [(self.name, value)]
-        else:
-            pairs = [(c["name"], c["parameters"]) for c in value]
-        return None, [tool_call(name, json.dumps(args, ensure_ascii=False)) for name, args in pairs]
+        calls = [tool_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        return None, calls, "tool_calls"
 
 
 def _compact(schema: dict) -> StructuredOutputsParams:

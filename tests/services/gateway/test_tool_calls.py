@@ -66,12 +66,13 @@ def test_forced_calls_validate_and_stream_the_same(client, server, choice, names
     for q in QUESTIONS:
         full = _check(_ask(client, server, q, tool_choice=choice), names)
         parts: dict[int, dict] = {}
-        finish = None
+        finish, num_deltas = None, 0
         for ch in _ask(client, server, q, tool_choice=choice, stream=True):
             if not ch.choices:
                 continue
             finish = ch.choices[0].finish_reason or finish
             for d in ch.choices[0].delta.tool_calls or []:
+                num_deltas += 1
                 p = parts.setdefault(d.index, {"name": "", "arguments": "", "id": None})
                 p["id"] = p["id"] or d.id
                 p["name"] += d.function.name or ""
@@ -79,6 +80,8 @@ def test_forced_calls_validate_and_stream_the_same(client, server, choice, names
         assert finish == "tool_calls"
         assert [(p["name"], p["arguments"]) for _, p in sorted(parts.items())] == full
         assert all(p["id"].startswith("call_") for p in parts.values())
+        if choice != "required":  # a named call's arguments stream as they are decoded
+            assert num_deltas > 2
 
 
 def test_one_call_without_parallel_tool_calls(client, server):

@@ -42,9 +42,9 @@ def _stream(plan, pieces: list[str], finish: str = "stop") -> tuple[str, dict, s
     s, sent = ToolStream(plan), ""
     for p in pieces:
         c.text += p
-        sent += s.content(c)
+        sent += s.delta(c).get("content", "")
     c.finish_reason = finish
-    sent += s.content(c)
+    sent += s.delta(c).get("content", "")
     delta, reason = s.finish(c)
     return sent, delta, reason
 
@@ -65,6 +65,37 @@ def test_streaming_holds_back_a_possible_marker_and_sends_calls_whole():
     # Text that only looked like a marker's start goes out in the end, as content.
     sent, delta, reason = _stream(plan, ["a <tool", "box"])
     assert sent + delta["content"] == "a <toolbox" and reason == "stop"
+
+
+def _named_deltas(pieces: list[str], finish: str) -> tuple[list[dict], str | None]:
+    plan = tool_plan(
+        ChatCompletionRequest(
+            messages=[{"role": "user", "content": "x"}],
+            tools=[TOOL],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+        )
+    )
+    c = Choice(0, "r-0", [], detok=None)
+    s, deltas = ToolStream(plan), []
+    for p in pieces:
+        c.text += p
+        deltas.append(s.delta(c))
+    c.finish_reason = finish
+    last, reason = s.finish(c)
+    return [d for d in [*deltas, last] if d], reason
+
+
+def test_a_named_call_streams_its_arguments_as_they_are_decoded():
+    deltas, reason = _named_deltas(['{"a"', ":1,", '"b":[2]}'], "stop")
+    calls = [d["tool_calls"][0] for d in deltas]
+    assert reason == "tool_calls" and len(calls) == 3 and all(c["index"] == 0 for c in calls)
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "f"
+    assert all("id" not in c and "name" not in c["function"] for c in calls[1:])
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"a":1,"b":[2]}'
+    # Cut by max_tokens: the partial arguments, "length" (the non-streamed reply says the same).
+    deltas, reason = _named_deltas(['{"a"', ":1,"], "length")
+    assert reason == "length"
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"a":1,'
 
 
 def test_auto_without_a_parser_is_a_400():
