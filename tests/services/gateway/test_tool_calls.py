@@ -129,3 +129,18 @@ def test_auto_without_a_call_is_plain_text(client, server):
     text, calls, finish = _stream_reply(client, server, "Say hello to my friend Bob.", max_tokens=12)
     assert (text, calls, finish) == (c.message.content, [], c.finish_reason)
 
+
+
+def test_auto_finds_a_hermes_call_in_the_models_text(client, server):
+    """The whole "auto" path on a real reply: SmolLM2 does not choose to call tools by
+    itself, so a regex constraint makes its text a Hermes-style call (with text before it);
+    the server's --tool-call-parser hermes must find it, streamed and not."""
+    regex = r'Checking\. <tool_call>\{"name": "get_time", "arguments": \{"zone": "(UTC|CET)"\}\}</tool_call>'
+    kw = {"max_tokens": 60, "extra_body": {"structured_outputs": {"regex": regex}}}
+    r = _ask(client, server, "What time is it in Berlin?", **kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Checking. "
+    ((name, args),) = [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    assert name == "get_time" and json.loads(args)["zone"] in ("UTC", "CET")
+    text, calls, finish = _stream_reply(client, server, "What time is it in Berlin?", **kw)
+    assert (text, calls, finish) == ("Checking. ", [(name, args)], "tool_calls")
