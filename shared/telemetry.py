@@ -206,7 +206,9 @@ class RequestSpans:
         if span is not None:
             span.set_attributes(attributes)
 
-    def event(self, req_id: str, name: str, when: float | None = None, attributes: dict | None = None) -> None:
+    def event(
+        self, req_id: str, name: str, when: float | None = None, attributes: dict | None = None
+    ) -> None:
         """Add an event (`Event.*`) at wall-clock time `when` (seconds; default now)."""
         span = self._spans.get(req_id)
         if span is not None:

@@ -67,7 +67,7 @@ class Generation:
         self.want_logprobs = params.logprobs is not None
         self.arrival = time.perf_counter()
         self.created = int(time.time())
-        operation = next((op for prefix, op in _OPERATIONS if request_id.startswith(prefix)), "text_completion")
+        operation = next((op for pre, op in _OPERATIONS if request_id.startswith(pre)), "text_completion")
         self._span, downstream_tp = state.tracer.start(
             request_id,
             traceparent,

@@ -58,7 +58,8 @@ _ENGINE_GAUGES = (
 _ENGINE_COUNTERS = (
     ("folio:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
      "prefix_cache_queries"),
-    ("folio:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits"),
+    ("folio:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+     "prefix_cache_hits"),
     ("folio:num_preemptions", "Cumulative number of preemption from the engine.", "num_preemptions"),
     ("folio:spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_num_drafts"),
     ("folio:spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_num_draft_tokens"),
@@ -138,7 +139,8 @@ class GatewayMetrics:
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
 
         self.prompt_tokens = counter("folio:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("folio:generation_tokens", "Number of generation tokens processed.")
+        self.generation_tokens = counter("folio:generation_tokens",
+                                         "Number of generation tokens processed.")
         success = Counter(
             "folio:request_success",
             "Count of successfully processed requests.",
@@ -151,7 +153,8 @@ class GatewayMetrics:
         self.itl = histogram("folio:inter_token_latency_seconds",
                              "Histogram of inter-token latency in seconds.", TOKEN_LATENCY_BUCKETS)
         self.tpot = histogram("folio:request_time_per_output_token_seconds",
-                              "Histogram of time_per_output_token_seconds per request.", TOKEN_LATENCY_BUCKETS)
+                              "Histogram of time_per_output_token_seconds per request.",
+                              TOKEN_LATENCY_BUCKETS)
         self.e2e = histogram("folio:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS)
         self.prompt_len = histogram("folio:request_prompt_tokens",

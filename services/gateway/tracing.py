@@ -1,8 +1,8 @@
 """The gateway's request spans: the root of each request's trace.
 
-With an OTLP endpoint (`--otlp-traces-endpoint` or OTEL_*), each HTTP request gets a span (continuing the client's
-`traceparent` header when there is one) whose context rides to the scheduler and
-executors in GenerateRequest.traceparent. Without one, no span is made and an incoming
+With an OTLP endpoint (`--otlp-traces-endpoint` or OTEL_*), each HTTP request gets a span
+(continuing the client's `traceparent` header when there is one) whose context rides to
+the scheduler and executors in GenerateRequest.traceparent. Without one, no span is made and an incoming
 traceparent is simply passed along.
 """
 

@@ -36,6 +36,7 @@ from services.scheduler.resume import carries
 from services.scheduler.scheduler import Scheduler
 from shared.bus import Bus, Malformed
 from shared.config import EngineConfig
+from shared.metric_buckets import Histograms
 from shared.protocol import (
     EngineInfo,
     EngineStats,
@@ -48,7 +49,6 @@ from shared.protocol import (
     TokenBatch,
     TokenDelta,
 )
-from shared.metric_buckets import Histograms
 from shared.telemetry import Event, GenAI, RequestSpans
 
 log = logging.getLogger("folio.scheduler")

@@ -65,7 +65,8 @@ def test_request_metrics_and_separate_registries():
     assert s[("folio:request_success_total", (("finished_reason", "abort"), ("model_name", "m")))] == 1
     assert s[("folio:e2e_request_latency_seconds_count", m)] == 3
     assert s[("folio:time_to_first_token_seconds_count", m)] == 1
-    assert s[("folio:request_prompt_tokens_count", m)] == 2 and s[("folio:request_prompt_tokens_sum", m)] == 10
+    assert s[("folio:request_prompt_tokens_count", m)] == 2
+    assert s[("folio:request_prompt_tokens_sum", m)] == 10
     assert s[("folio:request_generation_tokens_sum", m)] == 6
     # decode time over the tokens after the first; a one-token request has no such time.
     assert s[("folio:request_time_per_output_token_seconds_count", m)] == 1
