@@ -17,7 +17,12 @@ would: a scheduler or the gateway alone; an executor rank together with the othe
 of its engine (they formed one torch.distributed group, which cannot take in a new
 member: all of them rendezvous afresh). The engine's requests are resumed meanwhile (see
 services/scheduler/service.py). A unit that dies more than MAX_RESTARTS times within
-RESTART_WINDOW_S is crash-looping: then everything stops with a non-zero exit.
+RESTART_WINDOW_S is crash-looping: then everything stops with a non-zero exit. The
+private Redis is restarted the same way (on the same socket, empty); the services
+reconnect to it on their own (shared/bus.py).
+
+The Redis URL reaches the children by environment (FOLIO_REDIS_URL), not argv: it may
+hold a password, and argv is world-readable in `ps`.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class Supervisor:
     def __init__(self) -> None:
         self.children: list[Child] = []
         self.redis: PrivateRedis | None = None
+        self.env: dict[str, str] = {}  # for every child (FOLIO_REDIS_URL)
         self.stop_requested = False
         self._signals = 0
         self._restarts: dict[str, list[float]] = {}
@@ -89,9 +95,8 @@ class Supervisor:
               extra_env: dict[str, str] | None = None) -> None:
         self.children.append(Child(name, role, unit, argv, extra_env, self._start(argv, extra_env)))
 
-    @staticmethod
-    def _start(argv: list[str], extra_env: dict[str, str] | None) -> subprocess.Popen:
-        env = {**os.environ, **(extra_env or {})}
+    def _start(self, argv: list[str], extra_env: dict[str, str] | None) -> subprocess.Popen:
+        env = {**os.environ, **self.env, **(extra_env or {})}
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         return subprocess.Popen([sys.executable, "-m", "services.cli", *argv], env=env,
@@ -122,22 +127,44 @@ class Supervisor:
 
     def watch(self) -> int:
         while not self.stop_requested:
+            if self.redis is not None and self.redis.process.poll() is not None:
+                if not self.restart_redis():
+                    return 1
             if (c := self.dead_child()) is not None:
                 if not self.restart(c):
                     return 1
             time.sleep(0.2)
         return 0
 
-    def restart(self, dead: Child) -> bool:
-        """Restart the dead child's unit; False if it is crash-looping."""
+    def _may_restart(self, unit: str, name: str, rc: int) -> bool:
+        """Count a death of `unit`; False (after saying so) if it is crash-looping."""
         now = time.monotonic()
-        recent = [t for t in self._restarts.get(dead.unit, []) if now - t < RESTART_WINDOW_S]
+        recent = [t for t in self._restarts.get(unit, []) if now - t < RESTART_WINDOW_S]
         if len(recent) >= MAX_RESTARTS:
-            _say(f"the {dead.name} {_describe_exit(dead.proc.returncode)}, its {len(recent)}th time "
+            _say(f"the {name} {_describe_exit(rc)}, its {len(recent)}th time "
                  f"within {RESTART_WINDOW_S:.0f}s; stopping")
             return False
-        self._restarts[dead.unit] = [*recent, now]
-        _say(f"the {dead.name} {_describe_exit(dead.proc.returncode)}; restarting {dead.unit}")
+        self._restarts[unit] = [*recent, now]
+        _say(f"the {name} {_describe_exit(rc)}; restarting {unit}")
+        return True
+
+    def restart_redis(self) -> bool:
+        """Start the private Redis again (empty, same socket); False if crash-looping or it
+        does not come up."""
+        assert self.redis is not None
+        if not self._may_restart("redis", "redis-server", self.redis.process.returncode):
+            return False
+        try:
+            self.redis.restart()
+        except (RuntimeError, OSError) as e:
+            _say(f"error: could not restart redis-server: {e}")
+            return False
+        return True
+
+    def restart(self, dead: Child) -> bool:
+        """Restart the dead child's unit; False if it is crash-looping."""
+        if not self._may_restart(dead.unit, dead.name, dead.proc.returncode):
+            return False
         unit = [c for c in self.children if c.unit == dead.unit]
         _terminate([c for c in unit if c.proc.poll() is None], grace_s=2.0)
         for c in unit:
@@ -194,8 +221,8 @@ def _resolve_once(config: EngineConfig) -> EngineConfig | None:
     )
 
 
-def _common_argv(redis_url: str, args: argparse.Namespace) -> list[str]:
-    common = ["--redis-url", redis_url, "--redis-namespace", args.redis_namespace]
+def _common_argv(args: argparse.Namespace) -> list[str]:
+    common = ["--redis-namespace", args.redis_namespace]
     if args.otlp_traces_endpoint:
         common += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     return common
@@ -226,7 +253,8 @@ def run_engine(args: argparse.Namespace, config: EngineConfig) -> int:
     sup = Supervisor()
     previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        spawn_engine(sup, args.engine_id, config, _common_argv(args.redis_url, args),
+        sup.env["FOLIO_REDIS_URL"] = args.redis_url
+        spawn_engine(sup, args.engine_id, config, _common_argv(args),
                      engine_args_to_argv(child_config))
         _say(f"engine {args.engine_id} started ({config.tensor_parallel_size} executor rank(s))")
         return sup.watch()
@@ -255,7 +283,8 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
                 _say(f"error: {e}")
                 return 2
             url = sup.redis.url
-        common = _common_argv(url, args)
+        sup.env["FOLIO_REDIS_URL"] = url
+        common = _common_argv(args)
         dp = config.data_parallel_size
         for k in range(dp):
             engine_id = args.engine_id if dp == 1 else f"{args.engine_id}-{k}"

@@ -27,14 +27,21 @@ for it, e.g. fail the step it names); no service dies of a bad message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import random
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.protocol import (
     AbortRequest,
@@ -53,8 +60,31 @@ log = logging.getLogger(__name__)
 SCHEDULER_GROUP = "schedulers"
 _FIELD = b"m"
 DEADLETTER_MAXLEN = 10_000
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 1.0  # the cap: a service is back within about a second of Redis
 
 M = TypeVar("M", bound=msgspec.Struct)
+
+
+def is_outage(e: BaseException) -> bool:
+    """True for errors that mean Redis went away (or came back empty), not a bug: a lost or
+    refused connection, a timeout, Redis still loading its data, and a consumer group or
+    stream that vanished with a restart (NOGROUP)."""
+    if isinstance(e, AuthenticationError | AuthorizationError):
+        return False  # a wrong password is a configuration error: waiting will not fix it
+    if isinstance(e, RedisConnectionError | RedisTimeoutError | ConnectionError | asyncio.TimeoutError):
+        return True
+    return isinstance(e, ResponseError) and str(e).startswith(("NOGROUP", "LOADING"))
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +141,37 @@ class Bus:
     def __init__(self, url: str, namespace: str = "folio") -> None:
         self.url = url
         self.keys = Keys(namespace)
-        self.redis: aioredis.Redis = aioredis.from_url(url, decode_responses=False)
+        # No automatic retries (see the module doc); a connect that hangs is an outage too.
+        self.redis: aioredis.Redis = aioredis.from_url(
+            url, decode_responses=False, retry=Retry(NoBackoff(), 0), socket_connect_timeout=5)
 
     async def close(self) -> None:
         await self.redis.aclose()
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+    async def wait_for_redis(self, stopping: Callable[[], bool] = lambda: False, what: str = "") -> bool:
+        """Block until Redis answers PING, retrying with capped exponential backoff (with
+        jitter, so a fleet of services does not reconnect in lockstep); False if `stopping()`
+        turned true first. Logs when it is lost and when it is back."""
+        delay, t0, last_log = RECONNECT_MIN_S, time.monotonic(), 0.0
+        while not stopping():
+            try:
+                await asyncio.wait_for(self.redis.ping(), 2.0)
+                if time.monotonic() - t0 > delay:
+                    log.warning("%sRedis is back after %.1fs", what and what + ": ", time.monotonic() - t0)
+                return True
+            except Exception as e:
+                if not is_outage(e):
+                    raise
+                if time.monotonic() - last_log > 10:
+                    log.warning("%sRedis at %s unreachable (%s); retrying", what and what + ": ",
+                                redacted(self.url), e or type(e).__name__)
+                    last_log = time.monotonic()
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+        return False
 
     # ------------------------------------------------------------ the one decoder
     async def _decode(self, source: str, entry_id: bytes | None, data, type_: type[M]) -> M | Malformed:
@@ -158,10 +212,14 @@ class Bus:
         if req_ids:
             await self.redis.publish(self.keys.aborts, encode(AbortRequest(req_ids=req_ids)))
 
-    async def token_batches(self, gateway_id: str) -> AsyncIterator[TokenBatch]:
-        """Yield TokenBatch messages from this gateway's channel until cancelled."""
+    async def token_batches(
+        self, gateway_id: str, on_subscribed: Callable[[], None] | None = None
+    ) -> AsyncIterator[TokenBatch]:
+        """Yield TokenBatch messages from this gateway's channel until cancelled (or the
+        connection is lost: then the error is raised). `on_subscribed` is called once Redis
+        has confirmed the subscription, i.e. once nothing published to it can be missed."""
         channel = self.keys.gateway_tokens(gateway_id)
-        async for data in self._subscribe(channel):
+        async for data in self._subscribe(channel, on_subscribed):
             msg = await self._decode(channel, None, data, TokenBatch)
             if not isinstance(msg, Malformed):
                 yield msg
@@ -421,8 +479,10 @@ class Bus:
         await self.redis.publish(channel, encode(batch))
 
     async def register_engine(self, info: EngineInfo, ttl_s: float = 10.0) -> None:
-        await self.redis.hset(self.keys.engines, info.engine_id, encode(info))
-        await self.heartbeat(info.engine_id, ttl_s)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.engines, info.engine_id, encode(info))
+            pipe.set(self.keys.alive(info.engine_id), b"1", px=int(ttl_s * 1000))
+            await pipe.execute()
 
     async def heartbeat(self, engine_id: str, ttl_s: float = 10.0) -> None:
         await self.redis.set(self.keys.alive(engine_id), b"1", px=int(ttl_s * 1000))
@@ -471,14 +531,23 @@ class Bus:
         await self.redis.delete(self.keys.rank_alive(engine_id, tp_rank))
 
     # ------------------------------------------------------------ helpers
-    async def _subscribe(self, channel: str) -> AsyncIterator[bytes]:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(channel)
+    async def _subscribe(
+        self, channel: str, on_subscribed: Callable[[], None] | None = None
+    ) -> AsyncIterator[bytes]:
+        pubsub = self.redis.pubsub()
         try:
+            await pubsub.subscribe(channel)
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
-                if msg is not None and msg["type"] == "message":
+                if msg is None:
+                    continue
+                if msg["type"] == "message":
                     yield msg["data"]
+                elif msg["type"] == "subscribe" and on_subscribed is not None:
+                    on_subscribed()
         finally:
-            await pubsub.unsubscribe(channel)
+            try:
+                await pubsub.unsubscribe(channel)
+            except Exception:  # the connection is gone: nothing to unsubscribe from
+                pass
             await pubsub.aclose()

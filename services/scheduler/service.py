@@ -20,6 +20,11 @@ any live engine, this one once whole again included, takes over the pending requ
 an engine whose heartbeat expired (XCLAIM, exclusive) and resumes each from the dead
 engine's token log (see resume.py): prompt plus generated tokens are prefilled again
 (prefix caching makes that cheap) and the stream goes on at the next index.
+
+A Redis outage (restart, lost connection) drops the in-memory state the same way; the
+service reconnects with backoff (`Bus.wait_for_redis`), recreates the consumer group and
+builds the engine again once its ranks re-register (each beat re-registers, so a Redis
+that restarted empty learns the engine and its ranks within a second).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from services.scheduler.outputs import EngineCoreOutput
 from services.scheduler.request import Request
 from services.scheduler.resume import carries
 from services.scheduler.scheduler import Scheduler
-from shared.bus import Bus, Malformed
+from shared.bus import Bus, Malformed, is_outage
 from shared.config import EngineConfig
 from shared.metric_buckets import Histograms
 from shared.protocol import (
@@ -95,32 +100,55 @@ class SchedulerService:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
-        await self.bus.ensure_group()
         aborts = asyncio.create_task(self._collect_aborts())
         try:
             while not self.stopping.is_set():
-                infos = await self._wait_for_executors()
-                if infos is None:
-                    break
-                self._build(infos)
-                assert self.info is not None
-                await self.bus.register_engine(self.info, ENGINE_TTL_S)
-                beat = asyncio.create_task(self._heartbeat())
                 try:
-                    await self._serve()
-                except ExecutorLost as e:
-                    # Nothing is failed: the requests stay pending under this engine's name,
-                    # for another engine (or this one, once whole) to resume.
+                    await self._run_engine()
+                except Exception as e:
+                    if not is_outage(e):
+                        raise
+                    # Redis went away (or came back empty): nothing this process holds can be
+                    # trusted any more. Requests are not failed here: the gateways fail theirs
+                    # when their subscription breaks, and a Redis that kept its data still has
+                    # them pending under this engine's name, to be resumed once it is back.
                     held = len(self.scheduler.requests) if self.scheduler else 0
-                    log.error("%s; engine %s is down, %d request(s) left to be resumed",
-                              e, self.engine_id, held)
+                    log.error("engine %s lost Redis (%s: %s); dropping %d request(s), reconnecting",
+                              self.engine_id, type(e).__name__, e, held)
                     self._drop_state()
-                finally:
-                    beat.cancel()
-                    await self.bus.unregister_engine(self.engine_id)
+                    if not await self.bus.wait_for_redis(self.stopping.is_set, f"scheduler {self.engine_id}"):
+                        break
         finally:
             aborts.cancel()
             await self._shutdown()
+
+    async def _run_engine(self) -> None:
+        """Build the engine on its executor ranks and serve; again after an executor failure."""
+        await self.bus.ensure_group()
+        while not self.stopping.is_set():
+            infos = await self._wait_for_executors()
+            if infos is None:
+                break
+            self._build(infos)
+            assert self.info is not None
+            await self.bus.register_engine(self.info, ENGINE_TTL_S)
+            beat = asyncio.create_task(self._heartbeat())
+            try:
+                await self._serve()
+            except ExecutorLost as e:
+                # Nothing is failed: the requests stay pending under this engine's name,
+                # for another engine (or this one, once whole) to resume.
+                held = len(self.scheduler.requests) if self.scheduler else 0
+                log.error("%s; engine %s is down, %d request(s) left to be resumed",
+                          e, self.engine_id, held)
+                self._drop_state()
+            finally:
+                beat.cancel()
+                try:
+                    await self.bus.unregister_engine(self.engine_id)
+                except Exception as e:  # Redis is gone: its heartbeat key expires on its own
+                    if not is_outage(e):
+                        raise
 
     async def _shutdown(self) -> None:
         try:
@@ -185,10 +213,12 @@ class SchedulerService:
                  self.engine_id, num_blocks, rank0.block_size, max_model_len, budget)
 
     async def _heartbeat(self) -> None:
+        assert self.info is not None
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             try:
-                await self.bus.heartbeat(self.engine_id, ENGINE_TTL_S)
+                # The registration with the beat: a Redis restarted empty lists the engine again.
+                await self.bus.register_engine(self.info, ENGINE_TTL_S)
             except Exception as e:  # a Redis hiccup must not kill the engine; the next beat retries
                 log.warning("heartbeat failed: %s", e)
 
@@ -201,7 +231,8 @@ class SchedulerService:
                 raise
             except Exception as e:
                 log.warning("abort subscription failed (%s); resubscribing", e)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.1)  # at least: a bug that fails every time must not spin
+                await self.bus.wait_for_redis(self.stopping.is_set, f"scheduler {self.engine_id} aborts")
 
     def _drop_state(self) -> None:
         """Forget every request (their stream entries stay pending) and the KV cache view."""

@@ -320,3 +320,172 @@ async def test_pipelined_step_round_trips(bus: Bus):
     await bus.redis.xadd(bus.keys.results("e0"), {b"m": b"\x00junk"})
     _, bad = await bus.send_step_and_read_result("e0", StepPlan(step_id=5), got[0], 500)
     assert bad is not None and isinstance(bad[1], Malformed)
+
+
+# ---------------------------------------------------------------------- Redis faults
+def test_is_outage_tells_a_lost_redis_from_a_bug():
+    from redis.exceptions import AuthenticationError, BusyLoadingError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from shared.bus import is_outage
+
+    for e in (RedisConnectionError("refused"), RedisTimeoutError("t"), BusyLoadingError("loading"),
+              ResponseError("NOGROUP No such key 'folio:requests'"), ConnectionResetError()):
+        assert is_outage(e), e
+    for e in (ResponseError("WRONGTYPE Operation against a key"), AuthenticationError("bad password"),
+              ValueError("x"), msgspec.DecodeError("x")):
+        assert not is_outage(e), e
+
+
+def test_redacted_hides_the_password():
+    from shared.bus import redacted
+
+    assert redacted("rediss://:s3cret@redis.example:6380/0") == "rediss://:***@redis.example:6380/0"
+    assert redacted("redis://folio:s3cret@h:6379") == "redis://folio:***@h:6379"
+    assert redacted("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_a_restart_surfaces_as_an_outage_and_wait_for_redis_backs_off_until_it_is_back():
+    """The bus never retries by itself: a command on a connection to a Redis that restarted
+    fails (is_outage), the pub/sub iterator raises instead of silently resubscribing, and
+    wait_for_redis returns once Redis is back (False if told to stop first)."""
+    from shared.bus import is_outage
+    from shared.redis_server import start_private_redis
+
+    server = start_private_redis()
+    bus = Bus(server.url, "restart")
+    try:
+        await bus.ensure_group()
+        got: list[TokenBatch] = []
+        subscribed = asyncio.Event()
+
+        async def listen():
+            async for b in bus.token_batches("g", subscribed.set):
+                got.append(b)
+
+        sub = asyncio.create_task(listen())
+        await asyncio.wait_for(subscribed.wait(), 5)
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(Exception) as e:
+            await bus.claim_requests("e0", block_ms=10)
+        assert is_outage(e.value)
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(sub, 5)  # the subscription ends with the error, not a hang
+        assert is_outage(e.value)
+        assert await bus.wait_for_redis(lambda: True) is False  # told to stop: gives up
+
+        async def restart_later():
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.restart)
+
+        t0 = time.monotonic()
+        restarter = asyncio.create_task(restart_later())
+        assert await asyncio.wait_for(bus.wait_for_redis(), 10) is True
+        await restarter
+        assert 0.5 <= time.monotonic() - t0 < 3  # back within the 1 s backoff cap
+        # It restarted empty: the group is gone (an outage, NOGROUP) until made again.
+        with pytest.raises(Exception) as e:
+            await bus.claim_requests("e0", block_ms=10)
+        assert is_outage(e.value) and "NOGROUP" in str(e.value)
+        await bus.ensure_group()
+        await bus.submit(_req(1))
+        [(_, req)] = await bus.claim_requests("e0", block_ms=10)
+        assert req == _req(1)
+    finally:
+        await bus.close()
+        server.stop()
+
+
+async def _tls_proxy(cert: str, key: str, unix_path: str):
+    """A TLS terminator on 127.0.0.1 in front of a unix-socket Redis (our redis-server build
+    has no TLS of its own): what a managed Redis with rediss:// looks like to a client."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection(unix_path)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except asyncio.CancelledError:  # the test is over: the loop closes its connections
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+
+
+async def test_rediss_url_with_a_password(tmp_path):
+    """`--redis-url rediss://:PASSWORD@host:port/0?ssl_ca_certs=...` reaches a Redis that
+    requires a password over TLS: streams, pub/sub and blocking reads all work; a wrong
+    password is an error, not an outage to wait out."""
+    import shutil
+    import subprocess
+
+    from redis.exceptions import AuthenticationError
+
+    from shared.bus import is_outage
+    from shared.redis_server import start_private_redis
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    server = start_private_redis()
+    admin = Bus(server.url)
+    proxy = None
+    try:
+        await admin.redis.config_set("requirepass", "s3cret")
+        await admin.close()
+        proxy = await _tls_proxy(cert, key, server.socket_path)
+        port = proxy.sockets[0].getsockname()[1]
+        bus = Bus(f"rediss://:s3cret@localhost:{port}/0?ssl_ca_certs={cert}", "tls")
+        try:
+            assert await bus.ping()
+            await bus.ensure_group()
+            subscribed = asyncio.Event()
+            got: list[TokenBatch] = []
+
+            async def listen():
+                async for b in bus.token_batches("g", subscribed.set):
+                    got.append(b)
+
+            sub = asyncio.create_task(listen())
+            await asyncio.wait_for(subscribed.wait(), 5)
+            await bus.submit(_req(7, reply_to=bus.keys.gateway_tokens("g")))
+            [(_, req)] = await bus.claim_requests("e0", block_ms=1000)
+            batch = TokenBatch(deltas=[TokenDelta(req_id=req.req_id, token_ids=[5])], engine_id="e0")
+            await bus.publish_tokens(req.reply_to, batch)
+            deadline = time.monotonic() + 5
+            while not got:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert got == [batch]
+            sub.cancel()
+        finally:
+            await bus.close()
+        wrong = Bus(f"rediss://:nope@localhost:{port}/0?ssl_ca_certs={cert}", "tls")
+        try:
+            with pytest.raises(AuthenticationError) as e:
+                await wrong.ping()
+            assert not is_outage(e.value)
+        finally:
+            await wrong.close()
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.stop()
