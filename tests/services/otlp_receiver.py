@@ -36,7 +36,7 @@ class Span:
 
 
 class OTLPReceiver:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.spans: list[Span] = []
         self.posts = 0
         self._lock = threading.Lock()
@@ -59,7 +59,8 @@ class OTLPReceiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -91,6 +92,7 @@ class OTLPReceiver:
             return list(self.spans)
 
     def close(self) -> None:
-        """Stop listening: the port then refuses connections."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop listening: the port then refuses connections. Idempotent."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._server.server_close()

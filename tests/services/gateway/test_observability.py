@@ -1,8 +1,8 @@
 """Traces, metrics and the dashboard, checked from outside against a real `folio serve`.
 
 One stack for the whole module (startup dominates the cost): a private Redis, `folio serve`
-on it exporting traces to an OTLP/HTTP receiver this test runs, with a KV cache of 8 blocks
-of 16 tokens so that two 80-token requests cannot both fit (one preemption), and a second
+on it exporting traces to an OTLP/HTTP receiver this test runs, with a KV cache of 4 blocks
+of 16 tokens so that two 40-token requests cannot both fit (one preemption), and a second
 `folio gateway` on the same Redis without any trace endpoint. Metrics are checked as
 deltas between scrapes around each workload, so the tests of this module do not depend on
 each other's order.
@@ -40,7 +40,7 @@ from tests.services.gateway.conftest import (
 from tests.services.otlp_receiver import OTLPReceiver, Span
 
 BLOCK_SIZE = 16
-NUM_BLOCKS = 8
+NUM_BLOCKS = 4
 DASHBOARD = ROOT / "k8s" / "observability" / "dashboards" / "folio.json"
 SERVICES = ("folio-gateway", "folio-scheduler", "folio-executor")
 
@@ -64,7 +64,7 @@ def stack():
         mp.delenv(var)
     # Export within 100 ms of a span's end (the SDK's default waits 5 s).
     mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    gw2 = None
+    gw2 = st = None
     log2 = tempfile.NamedTemporaryFile("w", prefix="folio-gw2-", suffix=".log", delete=False)
     try:
         port2 = _free_port()
@@ -83,11 +83,16 @@ def stack():
                 assert gw2.poll() is None, Path(log2.name).read_text()[-3000:]
                 assert time.monotonic() < deadline, Path(log2.name).read_text()[-3000:]
                 time.sleep(0.2)
-            yield Stack(srv.url, url2, receiver)
+            st = Stack(srv.url, url2, receiver)
+            try:
+                yield st
+            finally:
+                gw2.send_signal(signal.SIGTERM)  # stops while folio serve does
     finally:
         mp.undo()
         if gw2 is not None and gw2.poll() is None:
-            gw2.send_signal(signal.SIGTERM)
+            if st is None:  # never got to the SIGTERM above
+                gw2.send_signal(signal.SIGTERM)
             try:
                 gw2.wait(30)
             except subprocess.TimeoutExpired:
@@ -97,6 +102,8 @@ def stack():
         os.unlink(log2.name)
         redis.stop()
         receiver.close()
+        if st is not None:
+            st.receiver.close()  # the one the last test reopened
 
 
 # ---------------------------------------------------------------------- helpers
@@ -144,14 +151,16 @@ def complete(client: OpenAI, prompt: list[int], max_tokens: int):
                                      extra_body={"ignore_eos": True})
 
 
-def wait_for_spans(receiver: OTLPReceiver, response_id: str, n: int, timeout_s: float = 15) -> list[Span]:
-    """The spans of the trace whose gateway span answered `response_id`, once there are n."""
+def wait_for_spans(receiver: OTLPReceiver, response_id: str, timeout_s: float = 30) -> list[Span]:
+    """The spans of the trace whose gateway span answered `response_id`, once every service's
+    span is in (each process exports on its own schedule: the scheduler's span ends after the
+    executor streamed the last token, so it can arrive after the gateway's)."""
     deadline = time.monotonic() + timeout_s
     while True:
         spans = receiver.snapshot()
         roots = [s for s in spans if s.attributes.get("gen_ai.response.id") == response_id]
         trace = [s for s in spans if roots and s.trace_id == roots[0].trace_id]
-        if len(trace) >= n or time.monotonic() > deadline:
+        if {s.service for s in trace} >= set(SERVICES) or time.monotonic() > deadline:
             return trace
         time.sleep(0.05)
 
@@ -161,7 +170,7 @@ def test_one_trace_per_request_across_the_three_services(stack):
     resp = stack.client(stack.url).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
         max_tokens=6, temperature=0.7, top_p=0.9, seed=7)
-    spans = wait_for_spans(stack.receiver, resp.id, 3)
+    spans = wait_for_spans(stack.receiver, resp.id)
     by_service = {s.service: s for s in spans}
     assert sorted(by_service) == sorted(SERVICES), [(s.service, s.name) for s in spans]
     assert len(spans) == 3  # one span per service, one trace
@@ -201,7 +210,7 @@ def test_no_endpoint_exports_nothing(stack):
     traced = stack.client(stack.url).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     # Wait until spans of a request sent after it arrived: any of its spans would be in by then.
-    assert len(wait_for_spans(stack.receiver, traced.id, 3)) == 3
+    assert len(wait_for_spans(stack.receiver, traced.id)) == 3
     spans = stack.receiver.snapshot()
     assert not [s for s in spans if s.attributes.get("gen_ai.response.id") == resp.id]
     assert not [s for s in spans if str(s.attributes.get("gen_ai.request.id", "")).startswith(resp.id)]
@@ -265,42 +274,45 @@ def test_counters_and_histograms_after_a_known_workload_two_gateways(stack):
 
 
 def test_one_forced_preemption(stack):
-    """Two requests of 40 + 40 tokens need 5 blocks each; the cache has 8, so the one
+    """Two requests of 20 + 20 tokens need 3 blocks each; the cache has 4, so the one
     admitted last is preempted once, waits for the other to finish, and is recomputed."""
     client = stack.client(stack.url)
     before = scrape(stack.url)
     engine_before = value(before, "folio:request_queue_time_seconds_count")
-    prompts = [[2000 + i for i in range(40)], [3000 + i for i in range(40)]]
+    prompts = [[2000 + i for i in range(20)], [3000 + i for i in range(20)]]
     with ThreadPoolExecutor(2) as pool:
-        responses = list(pool.map(lambda p: complete(client, p, 40), prompts))
-    assert [r.usage.completion_tokens for r in responses] == [40, 40]
+        responses = list(pool.map(lambda p: complete(client, p, 20), prompts))
+    assert [r.usage.completion_tokens for r in responses] == [20, 20]
     assert [r.choices[0].finish_reason for r in responses] == ["length", "length"]
     [after] = settle([stack.url], "folio:request_queue_time_seconds_count", engine_before + 2)
 
     assert delta(after, before, "folio:num_preemptions_total") == 1
-    assert delta(after, before, "folio:prompt_tokens_total") == 80
-    assert delta(after, before, "folio:generation_tokens_total") == 80
+    assert delta(after, before, "folio:prompt_tokens_total") == 40
+    assert delta(after, before, "folio:generation_tokens_total") == 40
     assert delta(after, before, "folio:request_success_total", finished_reason="length") == 2
     assert delta(after, before, "folio:time_to_first_token_seconds_count") == 2
-    assert delta(after, before, "folio:inter_token_latency_seconds_count") == 78
+    assert delta(after, before, "folio:inter_token_latency_seconds_count") == 38
     assert delta(after, before, "folio:request_time_per_output_token_seconds_count") == 2
-    assert delta(after, before, "folio:request_generation_tokens_sum") == 80
-    assert delta(after, before, "folio:request_generation_tokens_bucket", le="50.0") == 2
+    assert delta(after, before, "folio:request_generation_tokens_sum") == 40
+    assert delta(after, before, "folio:request_generation_tokens_bucket", le="20.0") == 2
+    assert delta(after, before, "folio:request_generation_tokens_bucket", le="10.0") == 0
     for name in ENGINE_PHASES:  # once per request, however often it was scheduled
         assert delta(after, before, f"folio:{name}_count") == 2, name
-    # Computed tokens: every prompt and output token once (80 + 78), plus the preempted
+    # Computed tokens: every prompt and output token once (40 + 38), plus the preempted
     # request's recomputation of what the prefix cache no longer held (at least its last token).
     computed = delta(after, before, "folio:iteration_tokens_total_sum")
-    assert 158 < computed <= 158 + 79, computed
-    # The preempted request looked the cache up again, with its prompt and some output.
+    assert 78 < computed <= 78 + 39, computed
+    # The preempted request looked the cache up again, with its prompt and some output (it
+    # was preempted for want of a third block: it held at least 21 tokens, at most 39).
     queries = delta(after, before, "folio:prefix_cache_queries_total")
-    assert 80 + 41 <= queries <= 80 + 79, queries
-    assert delta(after, before, "folio:prefix_cache_hits_total") <= queries - 80
+    assert 40 + 21 <= queries <= 40 + 39, queries
+    assert delta(after, before, "folio:prefix_cache_hits_total") <= queries - 40
 
     # Its trace says so: one scheduler span with a preempted event, scheduled first only once.
-    sched = [s for r in responses for s in wait_for_spans(stack.receiver, r.id, 3)
+    sched = [s for r in responses for s in wait_for_spans(stack.receiver, r.id)
              if s.service == "folio-scheduler"]
-    assert len(sched) == 2
+    assert len(sched) == 2, [(s.service, s.name, s.events) for r in responses
+                             for s in wait_for_spans(stack.receiver, r.id)]
     events = sorted([e for e, _ in s.events] for s in sched)
     assert events == [["queued", "first_scheduled", "first_token", "finished"],
                       ["queued", "first_scheduled", "first_token", "preempted", "finished"]]
@@ -351,13 +363,16 @@ def test_an_unreachable_collector_does_not_slow_requests(stack):
         out = []
         for i in range(n):
             t = time.perf_counter()
-            complete(stack.client(stack.url), [6000 + i for i in range(8)], 8)
+            complete(stack.client(stack.url), [6000 + i for i in range(8)], 4)
             out.append(time.perf_counter() - t)
         return out
 
-    up = timed(5)
+    up = timed(4)
     stack.receiver.close()
-    down = timed(5)
+    down = timed(4)
+    # Listen again, so the services' final flush at shutdown does not wait out its timeout.
+    stack.receiver = OTLPReceiver(stack.receiver.port)
     # An export on the request path would block for the exporter's retries (up to its 2 s
-    # timeout) on every span end; the bound is generous for a shared 2-core machine.
-    assert statistics.median(down) < 1.5 * statistics.median(up) + 0.3, (up, down)
+    # timeout) at every span end: +2 s or more on each request. The fastest request with the
+    # collector down against the median with it up tolerates a loaded 2-core machine's noise.
+    assert min(down) < 2 * statistics.median(up) + 0.5, (up, down)
