@@ -1,10 +1,10 @@
 """compose.yaml and k8s/ run the engines they say they run: compose's engine service scales,
 one engine pod is one engine (one scheduler, ranks 0..N-1, one engine id), one
-LeaderWorkerSet group is one engine, and the Kubernetes objects match the API schemas.
+LeaderWorkerSet group is one engine, on CPU and in the GPU overlay.
 
 Commands are expanded by a real `sh` (as in the containers) with the environment the pod
 would get (ConfigMap, downward API, LeaderWorkerSet's variables), then parsed by folio's own
-parser. That every command parses at all: tests/services/test_cli_serve.py.
+parser. Schemas, probes, shutdown and the images: tests/deploy/test_deploy_checks.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 
 from services.cli import build_parser
 from shared.cli_args import engine_config_from_args
+from tests.deploy.kustomize import build
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -27,6 +28,11 @@ K8S = ROOT / "k8s"
 
 def _docs(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def _rendered(variant: str) -> dict[tuple[str, str], dict]:
+    """{(kind, name): object} of a kustomization ("base", "overlays/gpu") as kubectl applies it."""
+    return {(d["kind"], d["metadata"]["name"]): d for d in build(K8S / variant)}
 
 
 def _container_env(c: dict, pod: dict[str, str], base: dict[str, str], configmap: dict[str, str]) -> dict:
@@ -54,11 +60,10 @@ def _sh_argv(script: str, env: dict[str, str]) -> list[str]:
 
 
 def _pod_engine(containers: list[dict], pod: dict[str, str], base: dict[str, str] | None = None,
-                engine_args: str | None = None) -> dict[str, list]:
+                engine_args: str | None = None, variant: str = "base") -> dict[str, list]:
     """{"scheduler"/"executor": [(args, EngineConfig), ...]} of one pod's containers, with
-    the ConfigMap's FOLIO_ENGINE_ARGS replaced by `engine_args` if given."""
-    (cm,) = _docs("configmap.yaml")
-    configmap = dict(cm["data"])
+    the variant's ConfigMap, its FOLIO_ENGINE_ARGS replaced by `engine_args` if given."""
+    configmap = dict(_rendered(variant)["ConfigMap", "folio-config"]["data"])
     if engine_args is not None:
         configmap["FOLIO_ENGINE_ARGS"] = engine_args
     roles: dict[str, list] = {}
@@ -118,21 +123,40 @@ def test_compose_tensor_parallel_knob_reaches_the_engine():
 
 
 # ---------------------------------------------------------------------- k8s engine pod
-def _engine_pod_spec() -> dict:
-    (dep,) = _docs("engine.yaml")
-    assert dep["kind"] == "Deployment"
-    return dep["spec"]["template"]["spec"]
+def _engine_pod_spec(variant: str = "base") -> dict:
+    return _rendered(variant)["Deployment", "folio-engine"]["spec"]["template"]["spec"]
 
 
 # The ConfigMap's flags cannot change the pod's rank count: the containers decide it.
+@pytest.mark.parametrize("variant", ["base", "overlays/gpu"])
 @pytest.mark.parametrize("engine_args", [None, "--tensor-parallel-size 8"])
-def test_k8s_engine_pod_is_one_engine(engine_args):
-    containers = _engine_pod_spec()["containers"]
+def test_k8s_engine_pod_is_one_engine(engine_args, variant):
+    containers = _engine_pod_spec(variant)["containers"]
     for pod in ({"metadata.name": "folio-engine-6d4cf-x7k2q", "status.podIP": "10.0.0.7"},
                 {"metadata.name": "folio-engine-6d4cf-b9zr4", "status.podIP": "10.0.1.3"}):
-        roles = _pod_engine(containers, pod, engine_args=engine_args)
+        roles = _pod_engine(containers, pod, engine_args=engine_args, variant=variant)
         # each pod is its own engine, named after the pod
         assert _assert_one_engine(roles, pod["metadata.name"]) == 2
+        if variant == "overlays/gpu" and engine_args is None:
+            assert {c.device for _, c in roles["scheduler"] + roles["executor"]} == {"cuda"}
+
+
+def test_k8s_gpu_overlay_gives_each_rank_one_gpu():
+    spec = _engine_pod_spec("overlays/gpu")
+    for c in spec["containers"]:
+        assert c["image"] == "folio:cuda", c["name"]
+        gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+        # one GPU per executor (rank); the scheduler needs none
+        assert gpus == (1 if c["name"].startswith("executor-") else None), c["name"]
+        if gpus:
+            assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+            # the overlay's merge kept the base's command, env and mounts
+            assert c["args"][0].startswith("exec folio executor") and c["envFrom"] and c["volumeMounts"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    # nothing else changes: the gateway stays on the CPU image, on CPU nodes
+    gpu, base = _rendered("overlays/gpu"), _rendered("base")
+    assert gpu.keys() == base.keys()
+    assert gpu["Deployment", "folio-gateway"] == base["Deployment", "folio-gateway"]
 
 
 def test_k8s_engine_ranks_publish_the_pod_ip():
@@ -188,24 +212,3 @@ def test_k8s_leaderworkerset_group_is_one_engine(size):
                 assert env["FOLIO_DISTRIBUTED_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
-# ---------------------------------------------------------------------- schemas
-def test_k8s_manifests_match_the_kubernetes_schemas():
-    import kubernetes_validate as kv  # a dev dependency: validates offline against real schemas
-
-    version = "1.37"
-    checked = []
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in _docs(path.name):
-            if doc["kind"] == "Kustomization":  # no schema; its resources: test_cli_serve.py
-                continue
-            if doc["kind"] == "LeaderWorkerSet":  # a CRD: validate its two pod templates
-                group = doc["spec"]["leaderWorkerTemplate"]
-                for role in ("leaderTemplate", "workerTemplate"):
-                    kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role},
-                                 "template": group[role]}, version, strict=True)
-                    checked.append(f"{path.name}:{role}")
-                continue
-            kv.validate(doc, version, strict=True)  # raises ValidationError
-            checked.append(f"{path.name}:{doc['kind']}")
-    assert {"engine.yaml:Deployment", "leaderworkerset.yaml:leaderTemplate",
-            "leaderworkerset.yaml:workerTemplate"} <= set(checked), checked

@@ -1,14 +1,12 @@
-"""`folio serve` as users run it (a subprocess on a free port, tiny model), the CLI's
-flags, and the deployment files that run the same entry points."""
+"""`folio serve` as users run it (a subprocess on a free port, tiny model) and the CLI's
+flags. The deployment files that run the same entry points: tests/deploy/test_deploy_checks.py."""
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -20,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from services.cli import build_parser
 from shared.cli_args import engine_args_to_argv, engine_config_from_args
@@ -86,79 +83,6 @@ def test_convert(tmp_path, capsys):
     assert list((tmp_path / "hf").glob("*.safetensors"))
     assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "x")]) == 1
     assert "folio convert: error" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------- deployment files
-# Here: every command in them parses with folio's own parser. Scaling, pod structure and the
-# Kubernetes schemas: tests/test_deploy_manifests.py.
-# Values for the variables the commands use: defaults, and what k8s and LeaderWorkerSet set.
-_DEPLOY_ENV = {"FOLIO_MODEL": "smollm2-135m-instruct", "FOLIO_ENGINE_ARGS": "--max-num-seqs 64",
-               "FOLIO_GATEWAY_ARGS": "--served-model-name x", "FOLIO_ENGINE_ID": "folio-engine-6d4cf-x7k2q",
-               "LWS_LEADER_ADDRESS": "folio-engine-lws-0.folio-engine-lws.default", "LWS_GROUP_SIZE": "2",
-               "LWS_WORKER_INDEX": "1"}
-
-
-def _pod_containers(doc: dict) -> list[dict]:
-    """The containers of a Deployment's pod, or of a LeaderWorkerSet's leader and worker pods."""
-    if doc.get("kind") == "Deployment":
-        return doc["spec"]["template"]["spec"]["containers"]
-    if doc.get("kind") == "LeaderWorkerSet":
-        group = doc["spec"]["leaderWorkerTemplate"]
-        return group["leaderTemplate"]["spec"]["containers"] + group["workerTemplate"]["spec"]["containers"]
-    return []
-
-
-def _deploy_commands() -> list[tuple[str, list[str]]]:
-    """(source, folio argv) of every service command in compose.yaml and k8s/ (the
-    LeaderWorkerSet example too), variables filled in."""
-    found = []
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    for name, svc in compose["services"].items():
-        cmd = svc.get("command")
-        if isinstance(cmd, str):
-            cmd = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: _DEPLOY_ENV.get(m[1], m[2]), cmd)
-            found.append((f"compose:{name}", shlex.split(cmd)))
-    for path in sorted((ROOT / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            for c in _pod_containers(doc):
-                if c.get("command") == ["sh", "-c"]:
-                    script = c["args"][0]
-                    for var, value in _DEPLOY_ENV.items():
-                        script = script.replace(f"${var}", value)
-                    argv = shlex.split(script)
-                    assert argv[:2] == ["exec", "folio"], script  # exec: folio gets the pod's SIGTERM
-                    found.append((f"{path.name}:{c['name']}", argv[2:]))
-    return found
-
-
-def test_compose_and_k8s_commands_match_the_cli():
-    for path in [ROOT / "compose.yaml", *sorted((ROOT / "k8s").glob("*.yaml"))]:
-        assert list(yaml.safe_load_all(path.read_text())), path
-    commands = _deploy_commands()
-    sources = {source for source, _ in commands}
-    assert {"compose:engine", "compose:gateway", "engine.yaml:scheduler", "engine.yaml:executor-0",
-            "engine.yaml:executor-1", "gateway.yaml:gateway", "leaderworkerset.yaml:scheduler",
-            "leaderworkerset.yaml:executor"} <= sources, sources
-    roles = sorted({argv[0] for _, argv in commands})
-    assert roles == ["engine", "executor", "gateway", "scheduler"], commands
-    parser = build_parser()
-    for source, argv in commands:
-        if argv[0] == "gateway":
-            from services.gateway import server
-
-            p = argparse.ArgumentParser()
-            server.add_cli_args(p)
-            p.parse_args(argv[1:] + ["--redis-url", "redis://x"])
-            continue
-        args = parser.parse_args(argv)  # unknown flags fail here
-        config = engine_config_from_args(args)  # invalid values (say, an init method) fail here
-        if argv[0] == "executor":  # checked by `folio executor` after parsing
-            assert 0 <= args.tp_rank < config.tensor_parallel_size, source
-    # kubectl apply -k k8s/ applies everything but the LeaderWorkerSet example (a CRD).
-    kustomize = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
-    assert sorted(kustomize["resources"]) == sorted(
-        p.name for p in (ROOT / "k8s").glob("*.yaml")
-        if p.name not in ("kustomization.yaml", "leaderworkerset.yaml"))
 
 
 # ---------------------------------------------------------------------- folio serve
