@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: install serve test chaos lint bench clean
+.PHONY: install serve test chaos compose-check lint bench clean
 
 $(BIN)/.folio-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: install
 # Longer failure runs kept out of `make test`: the engine-crash test at the issue's 32 streams.
 chaos: install
 	FOLIO_CHAOS_STREAMS=32 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/services/test_serve_resume.py
+
+# The images and compose.yaml for real, on a Docker engine (started if none runs): builds the
+# image, brings the services up with their health checks, sends an OpenAI SDK request, checks
+# its trace reached the collector, tears down. Minutes; outside `make test` (docs/deployment.md).
+compose-check: install
+	$(BIN)/python scripts/compose_check.py --profile observability $(COMPOSE_CHECK_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
