@@ -67,4 +67,9 @@ def render_chat(
         text = tokenizer.apply_chat_template(conv, tokenize=False, **kwargs)
     except Exception as e:  # jinja errors: the template rejected this conversation
         raise BadRequestError(f"Cannot apply the chat template: {e}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        # Otherwise the engine rejects it and the client gets a 500 (found by the fuzz test).
+        raise BadRequestError("The conversation renders to an empty prompt through the chat template: "
+                              "it must contain at least one token.", "messages")
+    return ids

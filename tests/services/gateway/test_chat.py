@@ -76,3 +76,25 @@ def test_max_completion_tokens(client, server):
         model=server.model, messages=MESSAGES, max_completion_tokens=3, extra_body={"ignore_eos": True}
     )
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_a_conversation_that_renders_to_no_tokens_is_a_400():
+    """Found by the fuzz test (tests/chaos/test_fuzz.py): a template that renders nothing
+    for a message without content gave an empty prompt, which the engine rejected: a 500."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from services.gateway.chat import render_chat
+    from services.gateway.errors import BadRequestError
+    from services.gateway.openai_protocol import ChatCompletionRequest
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] or '' }}{% endfor %}"
+    empty = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": ""}])
+    with pytest.raises(BadRequestError) as e:
+        render_chat(fast, empty.messages)
+    assert (e.value.status, e.value.param) == (400, "messages")
+    hi = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert render_chat(fast, hi.messages) == [1]
