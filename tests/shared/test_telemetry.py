@@ -101,3 +101,41 @@ def test_init_tracing_builds_the_configured_exporter():
         assert provider.resource.attributes["service.name"] == "folio-gateway"
         assert provider.resource.attributes["folio.component"] == "gateway"
         provider.shutdown()
+
+
+def test_grpc_export_reaches_a_grpc_collector():
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc: spans arrive at a real gRPC OTLP receiver."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    got: list = []
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802 (the service's method name)
+            got.extend(s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        provider = init_tracing("folio-scheduler", None, set_global=False, env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+        with provider.get_tracer("t").start_as_current_span("over-grpc"):
+            pass
+        assert provider.force_flush(10_000)
+        assert got == ["over-grpc"]
+        provider.shutdown()
+    finally:
+        server.stop(None)
+
+
+def test_otel_service_name_wins(monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "llm-prod")  # the SDK's Resource reads the process env
+    provider = init_tracing("folio-gateway", "http://127.0.0.1:9", set_global=False)
+    assert provider.resource.attributes["service.name"] == "llm-prod"
+    assert provider.resource.attributes["folio.component"] == "gateway"
+    provider.shutdown()
