@@ -58,6 +58,10 @@ ENGINE_FIELDS = (
     "generation_config",
     "speculative_config",
     "quantization",
+    "max_num_queued_reqs",
+    "max_num_queued_tokens",
+    "request_timeout",
+    "shutdown_timeout",
 )
 
 
@@ -124,6 +128,17 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
         help="weights: gguf (a GGUF's packed tensors), int8/int4 (weight-only, at load), none (dense); "
         "default: per model",
     )
+    g.add_argument("--max-num-queued-reqs", type=int, default=None, metavar="N",
+                   help="gateway: past N requests waiting for their first token, new ones get 429 "
+                   "with Retry-After (per gateway; default: no bound)")
+    g.add_argument("--max-num-queued-tokens", type=int, default=None, metavar="N",
+                   help="gateway: the same bound on the prompt tokens of those requests")
+    g.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="default deadline of a request (a body's request_timeout may shorten it); "
+                   "past it the request is aborted: 504, or an error event when streaming")
+    g.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may finish before they are "
+                   "ended with an error (default 30)")
     g.add_argument("--download-dir", default=None)
     g.add_argument("--skip-tokenizer-init", action="store_true", default=None)
     for flag in IGNORED_FLAGS:

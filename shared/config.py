@@ -61,6 +61,14 @@ class EngineConfig:
     # Weights: None picks per model (a GGUF's own quantized tensors where faster), "none"
     # dense float, "gguf" a GGUF's packed tensors, "int8"/"int4" weight-only at load time.
     quantization: str | None = None
+    # Serving limits (docs/reliability.md, "Overload, deadlines, drain, limits"). The queue
+    # bounds are per gateway: its requests that have not had their first token yet (None: no
+    # bound). request_timeout is the default deadline of a request (None: none); a client may
+    # only shorten it. shutdown_timeout is how long SIGTERM lets in-flight requests finish.
+    max_num_queued_reqs: int | None = None
+    max_num_queued_tokens: int | None = None
+    request_timeout: float | None = None
+    shutdown_timeout: float = 30.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,6 +115,12 @@ class EngineConfig:
             f"must look like tcp://HOST:PORT, got {self.distributed_init_method!r}",
         )
         check(self.step_timeout is None or self.step_timeout > 0, "step_timeout", "must be > 0 seconds")
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        check(self.request_timeout is None or self.request_timeout > 0, "request_timeout",
+              "must be > 0 seconds")
+        check(self.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0 seconds")
         check(
             self.quantization is None or self.quantization in QUANTIZATIONS,
             "quantization",

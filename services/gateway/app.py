@@ -1,7 +1,11 @@
 """The FastAPI app: routes, auth, lifecycle.
 
 /v1/models  /v1/completions  /v1/chat/completions  /v1/responses   (Bearer key when --api-key is set)
-/tokenize  /detokenize  /health  /version  /metrics  (always open)
+/tokenize  /detokenize  /health  /ready  /version  /metrics  (always open)
+
+/health is liveness (an engine is alive and none with work has stalled), /ready is
+readiness (also false while draining after SIGTERM). The generation endpoints pass
+through AdmissionMiddleware (admission.py): 503 while draining, 429 past the queue bounds.
 """
 
 from __future__ import annotations
@@ -15,17 +19,22 @@ from importlib import metadata
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway import admission
+from services.gateway.admission import Admission
 from services.gateway.chat import render_chat
 from services.gateway.chat_completions import create_chat_completion
 from services.gateway.completions import create_completion
 from services.gateway.engine_client import EngineClient
 from services.gateway.errors import (
+    APIError,
     AuthenticationError,
     BadRequestError,
     NotFoundError,
+    PayloadTooLargeError,
     ServiceUnavailableError,
     error_response,
     install_error_handlers,
@@ -44,6 +53,7 @@ from services.gateway.state import GatewaySettings, GatewayState
 from services.gateway.tokenizer import load_gateway_tokenizer
 from services.gateway.tracing import GatewayTracer
 from shared.bus import Bus
+from shared.protocol import EngineInfo, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +86,86 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
+
+
+class AdmissionMiddleware:
+    """Pure ASGI, before the body is read: a 429 or a drain 503 costs no parsing, no
+    tokenizing and no Redis round trip. An admitted request holds a Ticket for its life."""
+
+    def __init__(self, app, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            ticket = self.admission.enter()
+        except APIError as e:
+            await error_response(e)(scope, receive, send)
+            return
+        token = admission.CURRENT.set(ticket)
+        try:
+            # Let the requests that arrived with this one be answered first: in a burst, the
+            # 429s (microseconds each) then do not wait behind the admitted requests' parsing,
+            # tokenizing and Redis round trip (a millisecond or more each).
+            await asyncio.sleep(0)
+            await self.app(scope, receive, send)
+        finally:
+            admission.CURRENT.reset(token)
+            ticket.close()
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over the limit: by Content-Length before reading, else (chunked)
+    as soon as the bytes read pass it."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        message = f"The request body is larger than the server's limit of {self.limit} bytes."
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await error_response(PayloadTooLargeError(message))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    # FastAPI re-raises an HTTPException from the body read as it is (any other
+                    # error would become a vague 400); errors.py shapes it as OpenAI's.
+                    raise StarletteHTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def stalled_engines(live: list[EngineInfo], stats: dict[str, EngineStats], now: float,
+                    bound_s: float) -> list[str]:
+    """Live engines whose last published stats show work (running or waiting requests) and
+    are older than bound_s. A scheduler publishes after every step (at most every 0.5 s) and
+    every 0.5 s while idle, so old stats with work mean no step has finished for that long;
+    a heartbeat alone (its own task) would not show that. Timestamps are wall-clock time of
+    the scheduler's host: the bound (tens of seconds) dwarfs any sane clock skew."""
+    out = []
+    for e in live:
+        s = stats.get(e.engine_id)
+        if s is not None and s.num_running + s.num_waiting > 0 and now - s.timestamp > bound_s:
+            out.append(e.engine_id)
+    return out
+
+
 def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
     """The gateway app. `tokenizer` defaults to the one of `settings.model` (or `.tokenizer`)."""
     if tokenizer is None:
@@ -89,6 +179,28 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
     state = GatewayState(
         settings, tokenizer, client, GatewayMetrics(model_name), GatewayTracer(settings.otlp_traces_endpoint)
     )
+    gate = Admission(settings.max_num_queued_reqs, settings.max_num_queued_tokens, settings.request_timeout_s)
+    # The last stats seen of each engine: a stalled scheduler's stats key expires (10 s TTL),
+    # and a missing key must not make its engine look idle.
+    last_stats: dict[str, EngineStats] = {}
+
+    async def drain() -> None:
+        """SIGTERM (server.py): /ready and new requests turn 503; in-flight requests get up to
+        --shutdown-timeout to finish, then end with an error (an SSE error event if streaming)."""
+        gate.draining = True
+        timeout = settings.shutdown_timeout_s
+        log.info("draining: %d request(s) in flight, up to %gs", gate.in_flight, timeout)
+        try:
+            await asyncio.wait_for(gate.idle.wait(), timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        n = client.interrupt_all(ServiceUnavailableError(
+            f"The server is shutting down and the request did not finish within --shutdown-timeout "
+            f"{timeout:g}s; it was aborted."))
+        log.warning("shutdown timeout: ended %d request(s) with an error", n)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(gate.idle.wait(), 5.0)  # their handlers write the error
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -103,7 +215,12 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
 
     app = FastAPI(title="folio", version=_version(), lifespan=lifespan)
     app.state.gateway = state
+    app.state.admission = gate
+    app.state.drain = drain
     install_error_handlers(app)
+    # Outermost last: body limit, then the API key, then admission (an unauthenticated or
+    # oversized request never takes a place in the queue).
+    app.add_middleware(AdmissionMiddleware, admission=gate)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.allowed_origins:
@@ -114,6 +231,7 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body_bytes)
 
     # ------------------------------------------------------------------ OpenAI API
     @app.post("/v1/completions")
@@ -170,10 +288,32 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
     # ------------------------------------------------------------------ operations
     @app.get("/health")
     async def health() -> Response:
+        """Liveness: an engine is alive and none that has work has stalled."""
         engines = await client.engines(fresh=True)
         if not engines:
             return error_response(ServiceUnavailableError("No engine is alive."))
+        try:
+            for s in await asyncio.wait_for(bus.engine_stats(), _REDIS_TIMEOUT_S):
+                last_stats[s.engine_id] = s
+        except Exception as e:  # the engines' heartbeats were just read: judge by the last stats seen
+            log.warning("cannot read engine stats: %s", e)
+        bound = settings.engine_stall_timeout_s
+        stalled = stalled_engines(engines, last_stats, time.time(), bound)
+        if stalled:
+            return error_response(ServiceUnavailableError(
+                f"Engine(s) {', '.join(stalled)} have requests but have not finished a step in "
+                f"{bound:g}s."))
         return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: whether a load balancer should send this gateway traffic."""
+        if gate.draining:
+            return error_response(ServiceUnavailableError("The gateway is shutting down."))
+        if not await client.engines():
+            return error_response(ServiceUnavailableError("No engine is alive."))
+        return JSONResponse({"status": "ready", "in_flight": gate.in_flight,
+                             "queued_requests": gate.queued_reqs, "queued_tokens": gate.queued_tokens})
 
     @app.get("/version")
     async def version() -> dict:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from services.gateway.chat import content_text, render_chat
 from services.gateway.generation import Generation, stream_usage_flags
 from services.gateway.openai_protocol import ChatCompletionRequest
-from services.gateway.requests import check_model, require_engine
+from services.gateway.requests import admit, check_model, require_engine
 from services.gateway.sampling import (
     build_params,
     check_openai_ranges,
@@ -46,6 +46,7 @@ async def create_chat_completion(state: GatewayState, req: ChatCompletionRequest
     max_tokens = [
         resolve_max_tokens(requested_max_tokens(req), len(prompt), max_model_len, "messages", default)
     ]
+    admit([prompt], params.n, req.request_timeout)
     gen = Generation(
         state,
         f"chatcmpl-{uuid.uuid4().hex}",

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from services.gateway.errors import BadRequestError
 from services.gateway.generation import Generation, Update, stream_usage_flags
 from services.gateway.openai_protocol import CompletionRequest
-from services.gateway.requests import check_model, require_engine
+from services.gateway.requests import admit, check_model, require_engine
 from services.gateway.sampling import (
     build_params,
     check_openai_ranges,
@@ -54,6 +54,7 @@ async def create_completion(state: GatewayState, req: CompletionRequest, raw: Re
     requested = requested_max_tokens(req)
     default = state.sampling_defaults.get("max_tokens")
     max_tokens = [resolve_max_tokens(requested, len(p), max_model_len, "prompt", default) for p in prompts]
+    admit(prompts, params.n, req.request_timeout)
     gen = Generation(
         state, f"cmpl-{uuid.uuid4().hex}", prompts, params, max_tokens, raw.headers.get("traceparent", "")
     )

@@ -27,7 +27,9 @@ import time
 
 import msgspec
 
-from services.gateway.errors import ServiceUnavailableError
+from services.gateway import admission
+from services.gateway.admission import DeadlineExceededError, Ticket
+from services.gateway.errors import APIError, ServiceUnavailableError
 from shared.bus import Bus, is_outage
 from shared.protocol import EngineInfo, GenerateRequest, TokenBatch, TokenDelta
 
@@ -41,17 +43,26 @@ _RESUBSCRIBE_WAIT_S = 5.0
 _MAX_PENDING_ABORTS = 10_000  # kept across a Redis outage, to be sent once it is back
 
 
+_INTERRUPT = object()  # queued after the deltas a stream got before it was interrupted
+
+
 class RequestStream:
     """The deltas of one HTTP request's sub-requests (n choices × prompts), in arrival order."""
 
-    __slots__ = ("queue", "req_ids")
+    __slots__ = ("queue", "req_ids", "error")
 
     def __init__(self, req_ids: list[str]) -> None:
         self.req_ids = req_ids
         self.queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self.error: APIError | None = None
 
     async def get(self) -> TokenDelta:
-        return await self.queue.get()
+        """The next delta; raises the error the stream was interrupted with (deadline, drain)."""
+        delta = await self.queue.get()
+        if delta is _INTERRUPT:
+            assert self.error is not None
+            raise self.error
+        return delta
 
     def get_nowait(self) -> TokenDelta | None:
         try:
@@ -63,10 +74,14 @@ class RequestStream:
 class _Route:
     """Where one engine request's deltas go, and how far its client has got."""
 
-    __slots__ = ("stream", "next_index", "engine_id", "stalled_since")
+    __slots__ = ("stream", "next_index", "engine_id", "stalled_since", "ticket", "prompt_len")
 
-    def __init__(self, stream: RequestStream) -> None:
+    def __init__(self, stream: RequestStream, ticket: Ticket | None = None, prompt_len: int = 0) -> None:
         self.stream = stream
+        # The admission ticket: this request queues (counts against the bounds) until its
+        # first delta, or until it ends without one.
+        self.ticket = ticket
+        self.prompt_len = prompt_len
         self.next_index = 0  # output index of the next token the client has not seen
         self.engine_id = ""  # the engine that last sent it something ("" before that)
         self.stalled_since: float | None = None  # when the watchdog found its engine gone
@@ -152,8 +167,18 @@ class EngineClient:
                 raise ServiceUnavailableError("The gateway lost its connection to Redis and is "
                                               "reconnecting; retry shortly.") from None
         stream = RequestStream([r.req_id for r in reqs])
+        ticket = admission.current()
         for r in reqs:
-            self._routes[r.req_id] = _Route(stream)
+            self._routes[r.req_id] = _Route(stream, ticket, len(r.prompt_token_ids))
+        if ticket is not None and ticket.deadline is not None:
+            # One timer per HTTP request (nothing on the per-token path); the ticket cancels it.
+            timeout = ticket.timeout_s
+            ticket.timer = asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time() + max(0.0, ticket.deadline - time.monotonic()),
+                self.interrupt, stream,
+                DeadlineExceededError(f"The request did not finish within its deadline of {timeout:g}s "
+                                      "(--request-timeout, or the body's request_timeout); it was "
+                                      "aborted."))
         try:
             for r in reqs:
                 await self.bus.submit(r)
@@ -167,14 +192,40 @@ class EngineClient:
 
     def abort(self, req_ids: list[str]) -> None:
         """Stop routing these requests and tell the engines (sync: safe in `finally`)."""
-        to_abort = [rid for rid in req_ids if self._routes.pop(rid, None) is not None]
+        to_abort = [rid for rid in req_ids if self._drop(rid)]
         if to_abort:
             self._pending_aborts.extend(to_abort)
             self._abort_event.set()
 
     def finished(self, req_id: str) -> None:
         """The engine finished this request: stop routing it (no abort needed)."""
-        self._routes.pop(req_id, None)
+        self._drop(req_id)
+
+    def _drop(self, req_id: str) -> bool:
+        route = self._routes.pop(req_id, None)
+        if route is None:
+            return False
+        if route.ticket is not None:
+            route.ticket.started(route.prompt_len)  # ends while queued: leaves the queue
+            route.ticket = None
+        return True
+
+    def interrupt(self, stream: RequestStream, error: APIError) -> None:
+        """End an HTTP request's stream with `error` (its deadline passed, or the drain ended):
+        abort its unfinished engine requests (the schedulers free their KV blocks) and make its
+        handler's next read raise, after the deltas already queued."""
+        if stream.error is not None:
+            return
+        stream.error = error
+        self.abort(stream.req_ids)
+        stream.queue.put_nowait(_INTERRUPT)  # type: ignore[arg-type]
+
+    def interrupt_all(self, error: APIError) -> int:
+        """Interrupt every stream in flight; how many there were."""
+        streams = {id(r.stream): r.stream for r in self._routes.values()}
+        for stream in streams.values():
+            self.interrupt(stream, error)
+        return len(streams)
 
     # ------------------------------------------------------------------ background tasks
     async def _subscriber(self) -> None:
@@ -214,6 +265,9 @@ class EngineClient:
             elif seen < 0:
                 log.error("request %s: tokens %d..%d never arrived", delta.req_id, route.next_index,
                           delta.index - 1)
+            if route.ticket is not None:
+                route.ticket.started(route.prompt_len)  # its first token: no longer queued
+                route.ticket = None
             route.next_index = max(route.next_index, delta.index + len(delta.token_ids))
             route.stalled_since = None
             if ended:
@@ -272,7 +326,8 @@ class EngineClient:
 
     def _fail(self, req_ids: list[str], message: str) -> None:
         for rid in req_ids:
-            route = self._routes.pop(rid)
+            route = self._routes[rid]
+            self._drop(rid)
             route.stream.queue.put_nowait(TokenDelta(req_id=rid, token_ids=[], index=route.next_index,
                                                      error=message))
         if req_ids:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class APIError(Exception):
     status: int = 500
     type: str = "InternalServerError"
+    headers: dict[str, str] = {}  # extra response headers (Retry-After on 429/503)
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -47,6 +48,11 @@ class NotFoundError(APIError):
     type = "NotFoundError"
 
 
+class PayloadTooLargeError(APIError):
+    status = 413
+    type = "PayloadTooLargeError"
+
+
 class EngineError(APIError):
     """The engine failed a request (a TokenDelta carried an error)."""
 
@@ -57,6 +63,7 @@ class EngineError(APIError):
 class ServiceUnavailableError(APIError):
     status = 503
     type = "ServiceUnavailableError"
+    headers = {"Retry-After": "1"}  # no engine, or draining: worth a retry (elsewhere) soon
 
 
 def error_body(message: str, type_: str, param: str | None, code: int) -> dict:
@@ -64,7 +71,7 @@ def error_body(message: str, type_: str, param: str | None, code: int) -> dict:
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
 
 def sse_error(err: APIError) -> str:
@@ -102,7 +109,8 @@ def install_error_handlers(app: FastAPI) -> None:
         err = APIError(str(exc.detail))
         err.status, err.type = (
             exc.status_code,
-            f"{phrase}Error" if exc.status_code < 500 else "InternalServerError",
+            PayloadTooLargeError.type if exc.status_code == 413  # the same type however it was found
+            else f"{phrase}Error" if exc.status_code < 500 else "InternalServerError",
         )
         return error_response(err)
 

@@ -63,6 +63,9 @@ class _SamplingRequest(_Base):
     # Output constraints (see structured.py); vLLM's guided_* fields ride in model_extra.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
+    # folio: this request's deadline in seconds (extra_body); it can only shorten the server's
+    # --request-timeout. Past it the request is aborted with a 504 (an error event if streaming).
+    request_timeout: float | None = None
 
 
 class CompletionRequest(_SamplingRequest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.gateway import admission
 from services.gateway.errors import NotFoundError, ServiceUnavailableError
 from services.gateway.state import GatewayState
 
@@ -18,3 +19,14 @@ async def require_engine(state: GatewayState) -> int:
     if not engines:
         raise ServiceUnavailableError("No engine is available to serve the request; try again later.")
     return min(e.max_model_len for e in engines)
+
+
+def admit(prompts: list[list[int]], n: int, timeout_s: float | None) -> None:
+    """Take this HTTP request's place in the queue (its n × prompts engine requests and their
+    prompt tokens; 429 past the bounds) and its deadline (the body's request_timeout may
+    shorten the server's). No-op outside the admission middleware (tests of handlers alone)."""
+    ticket = admission.current()
+    if ticket is None:
+        return
+    ticket.narrow_timeout(timeout_s)
+    ticket.admission.admit(ticket, len(prompts) * n, n * sum(len(p) for p in prompts))

@@ -28,13 +28,15 @@ from services.gateway.chat import render_chat
 from services.gateway.errors import APIError, BadRequestError
 from services.gateway.generation import Generation
 from services.gateway.openai_protocol import ChatCompletionRequest, ChatMessage
-from services.gateway.requests import check_model, require_engine
+from services.gateway.requests import admit, check_model, require_engine
 from services.gateway.sampling import build_params, check_openai_ranges, resolve_max_tokens
 from services.gateway.sse import dumps, with_disconnect_abort
 from services.gateway.state import GatewayState
 
 # vLLM's sampling extensions, passed through as on the other endpoints.
-_EXTRA_SAMPLING = ("top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# (request_timeout is not sampling, but rides along the same way: the deadline, see admission.py.)
+_EXTRA_SAMPLING = ("top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                   "request_timeout")
 # Accepted and ignored (or echoed): they change nothing a stateless text model does.
 _IGNORED = (
     "metadata",
@@ -153,6 +155,7 @@ async def create_response(state: GatewayState, req: ResponsesRequest, raw: Reque
     max_model_len = await require_engine(state)
     default = state.sampling_defaults.get("max_tokens")
     max_tokens = [resolve_max_tokens(req.max_output_tokens, len(prompt), max_model_len, "input", default)]
+    admit([prompt], 1, chat.request_timeout)
     gen = Generation(
         state, f"resp_{uuid.uuid4().hex}", [prompt], params, max_tokens, raw.headers.get("traceparent", "")
     )

@@ -18,12 +18,35 @@ from shared.sampling_params import MAX_LOGPROBS, SamplingParams
 from shared.structured_outputs import StructuredOutputsParams
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Input limits (docs/reliability.md). OpenAI's n is at most 128; stop strings are checked
+# against the text at every token and held back up to their length, so their number and
+# length are bounded (vLLM bounds neither; OpenAI allows 4, which would break vLLM clients).
+MAX_N = 128
+MAX_STOP_STRINGS = 64
+MAX_STOP_LEN = 1024  # characters
+MAX_STOP_TOKEN_IDS = 1024
+MAX_PROMPTS = 1024  # prompts in one /v1/completions batch
 
 
 def check_openai_ranges(req: CompletionRequest | ChatCompletionRequest) -> None:
     """OpenAI's documented ranges, stricter than the engine's own checks."""
-    if req.n < 1:
-        raise BadRequestError(f"n must be at least 1, got {req.n}.", "n")
+    if not 1 <= req.n <= MAX_N:
+        raise BadRequestError(f"n must be in [1, {MAX_N}], got {req.n}.", "n")
+    if req.request_timeout is not None and not req.request_timeout > 0:
+        raise BadRequestError(
+            f"request_timeout must be a positive number of seconds, got {req.request_timeout}.",
+            "request_timeout")
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise BadRequestError(f"stop may have at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", "stop")
+    if any(len(s) > MAX_STOP_LEN for s in stop):
+        longest = max(len(s) for s in stop)
+        raise BadRequestError(
+            f"each stop string may be at most {MAX_STOP_LEN} characters, got one of {longest}.", "stop")
+    if req.stop_token_ids is not None and len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise BadRequestError(
+            f"stop_token_ids may have at most {MAX_STOP_TOKEN_IDS} entries, got "
+            f"{len(req.stop_token_ids)}.", "stop_token_ids")
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         raise BadRequestError(f"temperature must be in [0, 2], got {req.temperature}.", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
@@ -46,6 +69,11 @@ def check_openai_ranges(req: CompletionRequest | ChatCompletionRequest) -> None:
                     "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
                 )
     else:
+        prompt = req.prompt
+        batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        if batch and len(prompt) > MAX_PROMPTS:
+            raise BadRequestError(
+                f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(prompt)}.", "prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise BadRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {req.logprobs}.", "logprobs")
         if req.suffix:

@@ -7,10 +7,13 @@ python -m services.cli gateway --redis-url URL [--redis-namespace NS] [--host H]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import uuid
+
+import uvicorn
 
 from services.gateway.state import GatewaySettings
 from services.gateway.tool_parsers import PARSERS
@@ -75,6 +78,20 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='parse tool calls out of free text, enabling tool_choice "auto" (see tool_parsers.py)',
     )
+    add(
+        "--max-request-body-size",
+        type=int,
+        default=16 * 1024 * 1024,
+        metavar="BYTES",
+        help="a larger request body gets a 413 (default 16 MiB)",
+    )
+    add(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="/health fails when an engine with requests has not finished a step for this long",
+    )
     add("--access-log", action="store_true", help="log every HTTP request")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     if not _has(parser, "--max-model-len"):
@@ -103,13 +120,21 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         resume_timeout_s=getattr(args, "resume_timeout", None) or 30.0,
         generation_config=getattr(args, "generation_config", None) or "auto",
         tool_call_parser=getattr(args, "tool_call_parser", None),
+        max_num_queued_reqs=getattr(args, "max_num_queued_reqs", None),
+        max_num_queued_tokens=getattr(args, "max_num_queued_tokens", None),
+        request_timeout_s=getattr(args, "request_timeout", None),
+        shutdown_timeout_s=_or(getattr(args, "shutdown_timeout", None), 30.0),
+        max_request_body_bytes=_or(getattr(args, "max_request_body_size", None), 16 * 1024 * 1024),
+        engine_stall_timeout_s=_or(getattr(args, "engine_stall_timeout", None), 60.0),
     )
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (blocking)."""
-    import uvicorn
-
     from services.gateway.app import build_app
 
     if not getattr(args, "redis_url", None):
@@ -117,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     app = build_app(settings)
     log.info("gateway %s starting on http://%s:%d", settings.gateway_id, args.host, args.port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -125,4 +150,35 @@ def run(args: argparse.Namespace) -> int:
         access_log=getattr(args, "access_log", False),
         timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, app.state.drain).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains before uvicorn's own shutdown.
+
+    uvicorn on SIGTERM closes its listening socket at once: a load balancer that has not yet
+    seen the pod leave would get connection errors. Here the socket stays open while the
+    app drains (/ready 503, new requests 503, in-flight ones finish up to --shutdown-timeout,
+    then end with an error); only then does uvicorn stop. A second signal stops at once.
+    """
+
+    def __init__(self, config, drain) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("signal %d: draining before shutdown", sig)
+        # A signal handler: schedule the drain on the loop (this runs between its callbacks).
+        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True

@@ -33,6 +33,14 @@ class GatewaySettings:
     resume_timeout_s: float = 30.0
     generation_config: str = "auto"  # sampling defaults: see shared/generation_defaults.py
     tool_call_parser: str | None = None  # tool_choice "auto": see tool_parsers.py
+    # Overload, deadlines, drain, limits (admission.py; docs/reliability.md).
+    max_num_queued_reqs: int | None = None
+    max_num_queued_tokens: int | None = None
+    request_timeout_s: float | None = None
+    shutdown_timeout_s: float = 30.0
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    # /health fails when an engine with work has not finished a step for this long (s).
+    engine_stall_timeout_s: float = 60.0
 
 
 @dataclass
