@@ -75,7 +75,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, shutdown_timeout_s: float = 30.0) -> None:
+        # How long a gateway and then a scheduler may drain on SIGTERM (their --shutdown-timeout,
+        # which they got with the engine flags) before GRACE_S more and a SIGKILL.
+        self.shutdown_timeout_s = shutdown_timeout_s
         self.children: list[Child] = []
         self.redis: PrivateRedis | None = None
         self.env: dict[str, str] = {}  # for every child (FOLIO_REDIS_URL)
@@ -172,8 +175,12 @@ class Supervisor:
         return True
 
     def stop(self) -> None:
-        for roles in (("gateway", "scheduler"), ("executor",)):
-            _terminate([c for c in self.children if c.role in roles and c.proc.poll() is None], GRACE_S)
+        # Front to back: the gateway drains first (its in-flight requests still need the
+        # engines, and requests it queued still get claimed), then the schedulers (idle by
+        # then; each sends its executors the shutdown plan), then the executors.
+        drain_s = self.shutdown_timeout_s + GRACE_S
+        for roles, grace_s in ((("gateway",), drain_s), (("scheduler",), drain_s), (("executor",), GRACE_S)):
+            _terminate([c for c in self.children if c.role in roles and c.proc.poll() is None], grace_s)
         if self.redis is not None:
             self.redis.stop()
 
@@ -250,7 +257,7 @@ def run_engine(args: argparse.Namespace, config: EngineConfig) -> int:
     child_config = _resolve_once(config)
     if child_config is None:
         return 2
-    sup = Supervisor()
+    sup = Supervisor(config.shutdown_timeout)
     previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         sup.env["FOLIO_REDIS_URL"] = args.redis_url
@@ -271,7 +278,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     engine_argv = engine_args_to_argv(child_config)
     health_url, base_url = _urls(args.host, args.port)
 
-    sup = Supervisor()
+    sup = Supervisor(config.shutdown_timeout)
     previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.redis_url:

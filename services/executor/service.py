@@ -374,7 +374,7 @@ async def serve(
             log.error("cannot load the model: %s", e)
             return 2
         service = ExecutorService(bus, engine_id, tp_rank, config, runner, spans)
-        stop_waiter = asyncio.ensure_future(_forward(stop, service))
+        stop_waiter = asyncio.ensure_future(_forward(stop, service, config.shutdown_timeout + 10.0))
         try:
             await service.run()
         finally:
@@ -414,6 +414,15 @@ def _load_in_daemon_thread(config: EngineConfig, tp_rank: int, bus: Bus, engine_
     return fut
 
 
-async def _forward(stop: asyncio.Event, service: ExecutorService) -> None:
+async def _forward(stop: asyncio.Event, service: ExecutorService, grace_s: float) -> None:
+    """A first signal lets the scheduler drain its requests and send the shutdown plan (it
+    gives up after --shutdown-timeout); this rank stops by itself after grace_s, or at once on
+    a second signal."""
     await stop.wait()
+    stop.clear()
+    log.info("signal received: serving until the scheduler's shutdown plan (at most %gs)", grace_s)
+    try:
+        await asyncio.wait_for(stop.wait(), grace_s)
+    except asyncio.TimeoutError:
+        pass
     service.request_stop()

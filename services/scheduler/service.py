@@ -94,9 +94,19 @@ class SchedulerService:
         self._last_rescue = 0.0
         self._silent: set[str] = set()  # reply channels with no subscriber at the last check
         self.histograms = Histograms()  # request phases and step sizes, published in EngineStats
+        self._drain_deadline: float | None = None  # set by the first SIGTERM while serving
 
     def request_stop(self) -> None:
-        self.stopping.set()
+        """First call while serving: drain (claim nothing new, let the requests held finish,
+        up to --shutdown-timeout; the rest are then failed by _shutdown). Unclaimed requests stay
+        in the stream for other engines. Otherwise, or on a second call: stop now."""
+        timeout = self.config.shutdown_timeout
+        if self._drain_deadline is not None or self.scheduler is None or timeout <= 0:
+            self.stopping.set()
+            return
+        self._drain_deadline = time.monotonic() + timeout
+        log.info("engine %s draining: %d request(s) held, up to %gs", self.engine_id,
+                 len(self.scheduler.requests), timeout)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -249,7 +259,12 @@ class SchedulerService:
         flush = False  # finished ids the executors have not been told about yet
         stalled = False
         while not self.stopping.is_set():
-            await self._rescue()
+            if self._drain_deadline is not None and (
+                    not sched.has_unfinished_requests() or time.monotonic() > self._drain_deadline):
+                self.stopping.set()
+                break
+            if self._drain_deadline is None:  # a draining engine takes over nobody's requests
+                await self._rescue()
             busy = sched.has_unfinished_requests()
             if not busy or stalled:
                 # While busy, requests are claimed during each step instead (no extra round trip).
@@ -319,6 +334,8 @@ class SchedulerService:
         shared stream for an engine replica with room (or for this one, a step later)."""
         sched = self.scheduler
         assert sched is not None
+        if self._drain_deadline is not None:
+            return 0  # draining: new requests are for other engines (or a restarted one)
         return sched.max_num_seqs - len(sched.requests)
 
     async def _claim(self, block_ms: int) -> None:
