@@ -219,3 +219,7 @@ class EngineStats(_Msg):
     # Request phases and step sizes measured by the scheduler, keyed by the folio: metric
     # name without prefix (request_queue_time_seconds, ...; see shared/metric_buckets.py).
     histograms: dict[str, HistogramCounts] = {}
+    # Requests in the shared request stream that no engine has claimed yet (-1: unknown).
+    # The same for every engine: engines claim only what they can run, so under overload
+    # the queue is here, not in num_waiting.
+    stream_unclaimed: int = -1

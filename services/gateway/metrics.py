@@ -13,6 +13,9 @@ Who exports what (docs/architecture.md, "Metrics", has the table and the PromQL 
   only the scheduler sees (queue, prefill, decode, inference time). Every gateway exports
   the same numbers for an engine, so aggregate them per engine first:
   `sum(max by (model_name, engine) (...))`.
+- `num_requests_unclaimed`, label `model_name`: requests in the shared stream no engine has
+  claimed (engines claim only what they can run, so under overload the queue is there, not
+  in num_requests_waiting). The same in every gateway: aggregate with `max`.
 
 NOTE: with n > 1, `prompt_tokens` counts the prompt once per choice, as vLLM does (each
 of the n choices is its own request in vLLM's output processor, which adds that
@@ -114,6 +117,17 @@ class EngineStatsCollector(Collector):
             for pos, n in enumerate(e.spec_accepted_tokens_per_pos):
                 per_pos.add_metric([self.model_name, e.engine_id, str(pos)], n)
         yield per_pos
+        # Not per engine: the shared stream's backlog, as the freshest report saw it.
+        unclaimed = GaugeMetricFamily(
+            "folio:num_requests_unclaimed",
+            "Requests in the shared request stream that no engine has claimed yet.",
+            labels=["model_name"],
+        )
+        reports = [e for e in engines if e.stream_unclaimed >= 0]
+        if reports:
+            freshest = max(reports, key=lambda e: e.timestamp)
+            unclaimed.add_metric([self.model_name], freshest.stream_unclaimed)
+        yield unclaimed
         for short, (buckets, doc) in ENGINE_HISTOGRAMS.items():
             h = HistogramMetricFamily(f"folio:{short}", doc, labels=labels)
             for e in engines:

@@ -39,7 +39,7 @@ from services.scheduler.outputs import EngineCoreOutput
 from services.scheduler.request import Request
 from services.scheduler.resume import carries
 from services.scheduler.scheduler import Scheduler
-from shared.bus import Bus, Malformed, is_outage
+from shared.bus import SCHEDULER_GROUP, Bus, Malformed, is_outage
 from shared.config import EngineConfig
 from shared.metric_buckets import Histograms
 from shared.protocol import (
@@ -554,8 +554,28 @@ class SchedulerService:
             spec_num_accepted_tokens=s.spec_decode.num_accepted_tokens,
             spec_accepted_tokens_per_pos=list(s.spec_decode.accepted_tokens_per_pos),
             histograms=self.histograms.snapshot(),
+            stream_unclaimed=await self._stream_unclaimed(),
         ))
         return True
+
+    async def _stream_unclaimed(self) -> int:
+        """Entries of the requests stream no engine has claimed: finished requests' entries
+        are deleted, so the stream holds exactly the unclaimed and the pending (claimed,
+        unfinished) ones. -1 if Redis cannot say."""
+        key = self.bus.keys.requests
+        try:
+            async with self.bus.redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(key)
+                pipe.xinfo_groups(key)
+                length, groups = await pipe.execute()
+        except Exception as e:  # a metric must never stop the engine
+            log.debug("cannot read the request stream's backlog: %s", e)
+            return -1
+        for g in groups:
+            name = g.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) == SCHEDULER_GROUP:
+                return max(0, int(length) - int(g.get("pending", 0)))
+        return int(length)
 
     # ------------------------------------------------------------------ metrics and span events
     # Times are wall-clock (time.time()): queue time starts at the gateway's arrival_time.

@@ -25,7 +25,8 @@ def test_engine_series_per_engine():
     stats = [
         EngineStats(engine_id="a", num_running=2, num_waiting=1, kv_cache_usage=0.5, prefix_cache_queries=10,
                     prefix_cache_hits=4, num_preemptions=1, num_blocks=100, histograms=h.snapshot()),
-        EngineStats(engine_id="b", num_running=3, kv_cache_usage=0.0, prefix_cache_queries=5, num_blocks=300),
+        EngineStats(engine_id="b", num_running=3, kv_cache_usage=0.0, prefix_cache_queries=5, num_blocks=300,
+                    stream_unclaimed=0),
     ]
     s = _series(m.render(stats).decode())
     a = (("engine", "a"), ("model_name", "m"))
@@ -47,6 +48,11 @@ def test_engine_series_per_engine():
     assert set(ENGINE_HISTOGRAMS) == {"request_queue_time_seconds", "request_prefill_time_seconds",
                                       "request_decode_time_seconds", "request_inference_time_seconds",
                                       "iteration_tokens_total"}
+    # The stream's backlog is not per engine: the freshest report (b's), once.
+    assert s[("folio:num_requests_unclaimed", (("model_name", "m"),))] == 0  # -1 (unknown) skipped
+    stats[0].stream_unclaimed, stats[0].timestamp = 5, 2.0
+    stats[1].stream_unclaimed, stats[1].timestamp = 7, 1.0
+    assert _series(m.render(stats).decode())[("folio:num_requests_unclaimed", (("model_name", "m"),))] == 5
     # No engine: no engine series (there is nothing to label them with).
     assert not [k for k in _series(m.render([]).decode()) if k[0] == "folio:num_requests_running"]
 

@@ -271,6 +271,7 @@ def test_counters_and_histograms_after_a_known_workload_two_gateways(stack):
     # Idle again: nothing running or waiting, and cached blocks count as free (vLLM's usage).
     for name in ("folio:num_requests_running", "folio:num_requests_waiting", "folio:kv_cache_usage_perc"):
         assert list(per_engine(a, name).values()) == [0], name
+    assert [v for (n, _), v in a.items() if n == "folio:num_requests_unclaimed"] == [0]
 
 
 def test_one_forced_preemption(stack):
