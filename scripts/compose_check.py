@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,6 +57,18 @@ STANDINS = {
         "RUN apt-get update && apt-get install -y --no-install-recommends redis-server "
         "&& rm -rf /var/lib/apt/lists/*",
     ),
+}
+# Stand-ins for images of compose.yaml's optional services, chosen through the service's image
+# variable (compose.yaml: image: ${FOLIO_PROMETHEUS_IMAGE:-prom/prometheus:...}). Debian's
+# prometheus (2.42) with the official image's entrypoint, command and user; wget for the
+# service's health check. Grafana, Jaeger and the collector are not in Debian.
+OPTIONAL_STANDINS = {
+    "prometheus": ("FOLIO_PROMETHEUS_IMAGE", "local/prometheus:2-bookworm",
+                   "RUN apt-get update && apt-get install -y --no-install-recommends prometheus wget "
+                   "&& rm -rf /var/lib/apt/lists/* && mkdir /prometheus && chown nobody /prometheus\n"
+                   "USER nobody\nEXPOSE 9090\nENTRYPOINT [\"/usr/bin/prometheus\"]\n"
+                   "CMD [\"--config.file=/etc/prometheus/prometheus.yml\", "
+                   "\"--storage.tsdb.path=/prometheus\"]"),
 }
 
 
@@ -167,7 +180,12 @@ def _serve_dir(folder: str) -> tuple[ThreadingHTTPServer, int]:
         def log_message(self, *a):  # pip's requests are not news
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    # A fixed port where free: the URL is a build argument, so a new port would rebuild the
+    # torch layer every time.
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", 38765), Quiet)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
 
@@ -452,6 +470,27 @@ def trace_reached_standin(port: int, response_id: str, timeout: float = 30) -> N
                          f"{timeout:.0f} s ({len(spans)} other spans arrived)")
 
 
+def prometheus_scraped(port: int, timeout: float = 60) -> None:
+    """Prometheus (the observability profile's scrape config) scraped the gateway: its target is
+    up and folio's series are stored."""
+    def query(q: str) -> list:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        return json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            up = query('up{job="folio-gateway"}')
+            series = query('count({__name__=~"folio:.+"})')
+        except OSError:
+            up, series = [], []
+        if up and all(r["value"][1] == "1" for r in up) and series:
+            log(f"Prometheus scraped {len(up)} gateway target(s): up=1, "
+                f"{series[0]['value'][1]} folio: series stored")
+            return
+        time.sleep(2)
+    raise AssertionError(f"Prometheus has not scraped the gateway in {timeout:.0f} s")
+
+
 def trace_reached_collector(container: str, timeout: float = 30) -> None:
     """The real collector: its debug exporter logs every batch of spans it forwards."""
     deadline = time.monotonic() + timeout
@@ -496,7 +535,19 @@ def main() -> None:
         standin_collector = False
         if "observability" in profiles:
             env.setdefault("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://otel-collector:4318/v1/traces")
-        compose = interpolate(yaml.safe_load((ROOT / "compose.yaml").read_text()), env)
+        raw = yaml.safe_load((ROOT / "compose.yaml").read_text())
+        for name, (var, local, recipe) in OPTIONAL_STANDINS.items():
+            svc = raw["services"].get(name)
+            if svc is None or not set(svc.get("profiles", [])) <= profiles:
+                continue
+            official = interpolate(svc["image"], env)
+            if not pullable(official):
+                log(f"{official} cannot be pulled: {name} runs the stand-in {local} ({var}={local})")
+                if not image_exists(local):
+                    subprocess.run(["docker", "build", "-t", local, "-"], text=True, check=True,
+                                   input=f"FROM {debian_base()}\n{recipe}\n")
+                env[var] = local
+        compose = interpolate(raw, env)
         services = active_services(compose, profiles)
         for name in list(services):
             svc = services[name]
@@ -526,6 +577,8 @@ def main() -> None:
             stack.up(args.timeout)
             log(f"all services up and healthy in {time.monotonic() - t0:.0f} s")
             resp = chat_completion(port, env.get("FOLIO_MODEL", "smollm2-135m-instruct"))
+            if "prometheus" in services:
+                prometheus_scraped(9090)
             if "otel-collector" in services:
                 if standin_collector:
                     trace_reached_standin(4318, resp.id)
