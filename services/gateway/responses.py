@@ -9,8 +9,9 @@
 
 Nothing is stored: as vLLM does when its response store is off, `store: true` is accepted
 and answered with `"store": false`; `previous_response_id` (which needs a stored response)
-is a 400. Fields we cannot honour (tools, reasoning, structured text formats, background
-mode, ...) are 400s naming the field, never silently ignored.
+is a 400. `text.format` json_object and json_schema constrain the output as
+`response_format` does on chat completions (structured.py). Fields we cannot honour
+(tools, reasoning, background mode, ...) are 400s naming the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -81,9 +82,8 @@ def _check_supported(req: ResponsesRequest) -> dict[str, Any]:
         raise BadRequestError("tools are not supported by /v1/responses on this server.", "tools")
     if req.tool_choice not in (None, "auto", "none"):
         raise BadRequestError("tool_choice is not supported (there are no tools).", "tool_choice")
-    fmt = (req.text or {}).get("format") or {"type": "text"}
-    if fmt.get("type") != "text" or set(req.text or {}) - {"format", "verbosity"}:
-        raise BadRequestError("only text output (text.format of type 'text') is supported.", "text")
+    if set(req.text or {}) - {"format", "verbosity"}:
+        raise BadRequestError("text: only format and verbosity are supported.", "text")
     if req.truncation not in (None, "disabled"):
         raise BadRequestError("truncation 'auto' is not supported.", "truncation")
     if req.background:
@@ -95,6 +95,31 @@ def _check_supported(req: ResponsesRequest) -> dict[str, Any]:
         elif key not in _IGNORED and value not in (None, [], {}):  # empty: nothing asked
             raise BadRequestError(f"{key} is not supported by /v1/responses on this server.", key)
     return extras
+
+
+def text_format(req: ResponsesRequest) -> dict[str, Any]:
+    """`text.format` (text, json_object, or json_schema with name/schema/strict at its top
+    level, as the Responses API spells it)."""
+    fmt = (req.text or {}).get("format") or {"type": "text"}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise BadRequestError(
+            "text.format.type must be 'text', 'json_object' or 'json_schema'.", "text.format"
+        )
+    if kind == "json_schema" and not isinstance(fmt.get("schema"), dict):
+        raise BadRequestError('text.format of type "json_schema" needs a schema object.', "text.format")
+    return fmt
+
+
+def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
+    """The chat completions `response_format` for a Responses `text.format`."""
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+    schema.setdefault("name", "response")
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _item_text(item: dict[str, Any], i: int) -> str:
@@ -146,11 +171,17 @@ async def create_response(state: GatewayState, req: ResponsesRequest, raw: Reque
         max_tokens=req.max_output_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
+        response_format=_response_format(text_format(req)),
         **extras,
     )
     check_openai_ranges(chat)
     # The model's generation_config.json defaults apply as on the other endpoints.
-    params = build_params(chat, None, state.vocab_size, state.sampling_defaults)
+    try:
+        params = build_params(chat, None, state.vocab_size, state.sampling_defaults)
+    except BadRequestError as e:
+        if e.param == "response_format":  # a bad schema: name the field this API has
+            e.param = "text.format"
+        raise
     prompt = render_chat(state.tokenizer, chat.messages)
     max_model_len = await require_engine(state)
     default = state.sampling_defaults.get("max_tokens")
@@ -213,7 +244,7 @@ class _Shape:
             "store": False,
             "temperature": gen.params.temperature,
             "top_p": gen.params.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": text_format(req)},
             "tool_choice": "none",
             "tools": [],
             "truncation": "disabled",

@@ -145,7 +145,10 @@ def test_sdk_stream_helper(client):
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
-        ({"text": {"format": {"type": "json_object"}}}, "text"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "schema": {"type": 1}}}}, "text.format"),
+        ({"text": {"stop": 1}}, "text"),
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"temperature": 3}, "temperature"),
@@ -165,6 +168,37 @@ def test_unsupported_is_400(server, extra, param):
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_text_format_json_schema_constrains_the_output(client):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "colours": {
+                "type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 3, "maxItems": 3
+            }
+        },
+        "required": ["colours"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "name": "colours", "schema": schema, "strict": True}
+    resp = client.responses.create(
+        model=MODEL, input=MESSAGES, max_output_tokens=64, temperature=0, text={"format": fmt}
+    )
+    assert resp.status == "completed"
+    jsonschema.validate(json.loads(resp.output_text), schema)
+    assert resp.text.format.type == "json_schema" and resp.text.format.name == "colours"
+    obj = client.responses.create(
+        model=MODEL, input=MESSAGES, max_output_tokens=32, temperature=0,
+        text={"format": {"type": "json_object"}},
+    )
+    assert obj.output_text.startswith("{") and obj.text.format.type == "json_object"
+    if obj.status == "completed":
+        assert isinstance(json.loads(obj.output_text), dict)
 
 
 def test_previous_response_id_through_sdk(client):
