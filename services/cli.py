@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 
-from services.gateway.tool_parsers import PARSERS
+from services.gateway.tool_parsers import PARSERS, auto_tool_parser
 from shared.cli_args import (
     add_bus_args,
     add_engine_args,
@@ -88,9 +88,17 @@ def _executor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             provider.shutdown()
 
 
+def _check_tool_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        auto_tool_parser(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from services.serve import serve
 
+    _check_tool_args(args, parser)
     config = engine_config_from_args(args, DEFAULT_MODEL)
     return serve(args, config)
 
@@ -121,6 +129,7 @@ def _gateway(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="folio gateway", description="OpenAI-compatible HTTP gateway")
     server.add_cli_args(parser)
     args = parser.parse_args(argv)
+    _check_tool_args(args, parser)
     result = server.run(args)
     return int(result or 0)
 
@@ -139,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-id", default="e0")
     p.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
                    help='parse tool calls out of free text, enabling tool_choice "auto"')
+    p.add_argument("--enable-auto-tool-choice", action="store_true", default=False,
+                   help="vLLM's flag for tool_choice \"auto\"; needs --tool-call-parser")
     add_bus_args(p)
     add_telemetry_args(p)
     p.set_defaults(func=_serve)

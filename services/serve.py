@@ -298,7 +298,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
             spawn_engine(sup, engine_id, config, common, engine_argv, dp,
                          "" if dp == 1 else f" of engine {engine_id}")
         # The API key goes by environment, not argv, so `ps` does not show it.
-        tool_parser = getattr(args, "tool_call_parser", None)
+        tool_parser = getattr(args, "tool_call_parser", None)  # checked by the CLI
         parser = ["--tool-call-parser", tool_parser] if tool_parser else []
         sup.spawn("gateway", "gateway", "gateway",
                   ["gateway", "--host", args.host, "--port", str(args.port), *engine_argv, *common, *parser],

@@ -16,7 +16,7 @@ import uuid
 import uvicorn
 
 from services.gateway.state import GatewaySettings
-from services.gateway.tool_parsers import PARSERS
+from services.gateway.tool_parsers import PARSERS, auto_tool_parser
 from shared.cli_args import add_bus_args, add_engine_args, add_telemetry_args, model_from_args
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help='parse tool calls out of free text, enabling tool_choice "auto" (see tool_parsers.py)',
     )
     add(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        default=False,
+        help="vLLM's flag for tool_choice \"auto\"; needs --tool-call-parser (which enables it by itself)",
+    )
+    add(
         "--max-request-body-size",
         type=int,
         default=16 * 1024 * 1024,
@@ -119,7 +125,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None),
         resume_timeout_s=getattr(args, "resume_timeout", None) or 30.0,
         generation_config=getattr(args, "generation_config", None) or "auto",
-        tool_call_parser=getattr(args, "tool_call_parser", None),
+        tool_call_parser=auto_tool_parser(args),
         max_num_queued_reqs=getattr(args, "max_num_queued_reqs", None),
         max_num_queued_tokens=getattr(args, "max_num_queued_tokens", None),
         request_timeout_s=getattr(args, "request_timeout", None),

@@ -115,3 +115,14 @@ def get_parser(name: str) -> ToolCallParser:
         return PARSERS[name]()
     except KeyError:
         raise ValueError(f"unknown tool-call parser {name!r}; choose from {sorted(PARSERS)}") from None
+
+
+def auto_tool_parser(args) -> str | None:
+    """The gateway's parser for tool_choice "auto", from --tool-call-parser and vLLM's
+    --enable-auto-tool-choice: the flag without a parser is an error (as in vLLM); a
+    parser alone enables "auto" too, so command lines written for either server work."""
+    name = getattr(args, "tool_call_parser", None)
+    if getattr(args, "enable_auto_tool_choice", False) and name is None:
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {sorted(PARSERS)})")
+    return name
+

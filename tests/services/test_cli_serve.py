@@ -65,6 +65,18 @@ def test_invalid_engine_flag_is_a_clean_error(capsys, argv, name):
     assert name in capsys.readouterr().err
 
 
+def test_enable_auto_tool_choice_needs_a_tool_call_parser(capsys):
+    from services.cli import main
+    from services.gateway.tool_parsers import auto_tool_parser
+
+    for argv in (["serve", "--enable-auto-tool-choice"], ["gateway", "--enable-auto-tool-choice"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--redis-url", "redis://127.0.0.1:1"])
+        assert e.value.code == 2 and "--tool-call-parser" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert auto_tool_parser(args) == "hermes"
+
+
 def test_help_works_without_importing_the_gateway():
     code = "import sys; from services.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n" \
            "print('services.gateway.server' in sys.modules, 'torch' in sys.modules)"

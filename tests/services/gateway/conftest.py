@@ -110,7 +110,7 @@ def run_server(*extra_args: str, api_key: str = API_KEY):
 @pytest.fixture(scope="session")
 def server():
     # A tool-call parser, so tool_choice "auto" is served (test_tool_calls.py).
-    with run_server("--tool-call-parser", "hermes") as srv:
+    with run_server("--enable-auto-tool-choice", "--tool-call-parser", "hermes") as srv:
         yield srv
 
 
