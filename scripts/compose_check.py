@@ -15,8 +15,11 @@ What it does, in order (each step prints what it ran):
   5. an OpenAI SDK chat completion through the gateway's published port;
   6. with the observability profile: a trace of that request reaches the OpenTelemetry
      Collector service (or, when its image cannot be pulled, the stand-in receiver
-     scripts/otlp_receiver.py under the collector's name and port);
-  7. tears everything down (containers, network, volumes), also after a failure.
+     scripts/otlp_receiver.py under the collector's name and port), and Prometheus scraped
+     the gateway;
+  7. `docker stop` of the gateway during a streamed request: the stream finishes (drain) and
+     the container exits within its stop_grace_period;
+  8. tears everything down (containers, network, volumes), also after a failure.
 
 Which compose implementation ran is printed; docs/deployment.md records a run.
 """
@@ -29,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -470,6 +474,41 @@ def trace_reached_standin(port: int, response_id: str, timeout: float = 30) -> N
                          f"{timeout:.0f} s ({len(spans)} other spans arrived)")
 
 
+def drain_on_stop(port: int, model: str, service: str, grace: float) -> None:
+    """`docker stop` of the gateway while a stream is in flight: the stream still finishes
+    (the gateway drains for --shutdown-timeout) and the container exits before
+    stop_grace_period runs out (no SIGKILL)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("FOLIO_API_KEY") or "none",
+                    timeout=120)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Count from 1 to 100."}], max_tokens=96,
+        stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)
+    stopped: dict[str, float] = {}
+
+    def stop() -> None:
+        t0 = time.monotonic()
+        docker("stop", f"{PROJECT}-{service}-1", quiet=True)
+        stopped["s"] = time.monotonic() - t0
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    finish, n = None, 1
+    for chunk in chunks:
+        n += 1
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    stopper.join()
+    _, _, code = container_state(service)
+    log(f"docker stop {service} during a stream: the stream went on to finish_reason={finish} "
+        f"({n} chunks after {first.id}); the container exited with {code} after {stopped['s']:.1f} s "
+        f"(stop_grace_period {grace:.0f} s)")
+    assert finish == "length", f"the stream was cut off (finish_reason {finish})"
+    assert code != 137 and stopped["s"] < grace, "the gateway was killed, not drained"
+
+
 def prometheus_scraped(port: int, timeout: float = 60) -> None:
     """Prometheus (the observability profile's scrape config) scraped the gateway: its target is
     up and folio's series are stored."""
@@ -514,6 +553,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="leave the services running")
     p.add_argument("--timeout", type=float, default=600, help="seconds for each service to get ready")
     args = p.parse_args()
+    # SIGTERM (and SIGINT, which a background job started by a shell ignores) runs the teardown
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     profiles = set(args.profile)
     t_start = time.monotonic()
 
@@ -576,7 +617,8 @@ def main() -> None:
             t0 = time.monotonic()
             stack.up(args.timeout)
             log(f"all services up and healthy in {time.monotonic() - t0:.0f} s")
-            resp = chat_completion(port, env.get("FOLIO_MODEL", "smollm2-135m-instruct"))
+            model = env.get("FOLIO_MODEL", "smollm2-135m-instruct")
+            resp = chat_completion(port, model)
             if "prometheus" in services:
                 prometheus_scraped(9090)
             if "otel-collector" in services:
@@ -584,6 +626,7 @@ def main() -> None:
                     trace_reached_standin(4318, resp.id)
                 else:
                     trace_reached_collector(f"{PROJECT}-otel-collector-1")
+            drain_on_stop(port, model, "gateway", seconds(services["gateway"]["stop_grace_period"]))
             ok = True
         except Exception as e:
             log(f"FAILED: {type(e).__name__}: {e}")

@@ -219,7 +219,7 @@ def test_compose_gpu_engine_reserves_one_gpu_per_rank(gpus):
     (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     config = engine_config_from_args(_parse(_folio_argv(svc)))
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert int(device["count"]) == config.tensor_parallel_size == int(gpus or 2)
+    assert int(device["count"]) == config.tensor_parallel_size == int(gpus or 1)
     assert config.device == "cuda" and svc["build"]["dockerfile"] == "Dockerfile.cuda"
     # scalable like the CPU engine: one engine per container, its id the host name
     assert not {"container_name", "hostname", "ports"} & set(svc) and "--engine-id" not in svc["command"]
@@ -421,3 +421,32 @@ def test_images_are_multi_stage_non_root_with_the_model_cache_on_a_volume(name):
             for c in obj["spec"]["template"]["spec"]["containers"]:
                 paths = {m["mountPath"] for m in c["volumeMounts"] if m["name"] == "model-cache"}
                 assert paths == {"/var/cache/folio/huggingface"}, c["name"]
+
+
+# ---------------------------------------------------------------------- defaults that run
+# (attention heads, KV heads) of the default models, from their config.json. Tensor
+# parallelism splits heads across ranks: a size that does not divide both fails every rank at
+# load ("num_attention_heads 9 is not divisible by tensor-parallel size 2"), a crash loop.
+HEADS = {"smollm2-135m-instruct": (9, 3), "Qwen/Qwen2.5-0.5B-Instruct": (14, 2)}
+
+
+def _divides(model: str, tp: int) -> bool:
+    return all(n % tp == 0 for n in HEADS[model])
+
+
+def test_default_models_split_over_the_default_rank_counts():
+    assert not _divides("smollm2-135m-instruct", 2) and _divides("smollm2-135m-instruct", 3)
+    for profiles in ({"gpu"}, set()):
+        for name, svc in _compose({}, profiles)["services"].items():
+            if svc["image"].startswith("folio:") and name != "gateway":
+                args = _parse(_folio_argv(svc))
+                model = engine_config_from_args(args).model
+                assert _divides(model, engine_config_from_args(args).tensor_parallel_size), name
+    for variant in ("base", "overlays/gpu"):
+        model = _objects(variant)["ConfigMap", "folio-config"]["data"]["FOLIO_MODEL"]
+        pod = _objects(variant)["Deployment", "folio-engine"]["spec"]["template"]["spec"]
+        ranks = sum(c["name"].startswith("executor-") for c in pod["containers"])
+        assert _divides(model, ranks), (variant, model, ranks)
+    (lws,) = _yaml_docs(K8S / "leaderworkerset.yaml")
+    assert _divides(_objects()["ConfigMap", "folio-config"]["data"]["FOLIO_MODEL"],
+                    lws["spec"]["leaderWorkerTemplate"]["size"])
