@@ -201,6 +201,10 @@ def test_one_trace_per_request_across_the_three_services(stack):
     assert times == sorted(times) and sched.start_ns <= times[0] and times[-1] <= sched.end_ns
     assert [e for e, _ in gw.events] == ["first_token", "finished"]
     assert {s.resource["folio.component"] for s in spans} == {"gateway", "scheduler", "executor"}
+    # And no span of this request in any other trace (engine request ids are `{id}-{choice}`).
+    mine = [s for s in stack.receiver.snapshot()
+            if str(s.attributes.get("gen_ai.request.id", "")).startswith(resp.id)]
+    assert len(mine) == 3 and {s.trace_id for s in mine} == {gw.trace_id}
 
 
 def test_no_endpoint_exports_nothing(stack):
