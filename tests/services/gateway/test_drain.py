@@ -47,10 +47,11 @@ def test_server_request_timeout_applies_and_a_body_cannot_extend_it(drain_server
             extra_body={"ignore_eos": True, "request_timeout": 600})
     took = time.monotonic() - t0
     assert info.value.status_code == 504 and "deadline of 5s" in info.value.message
-    assert REQUEST_TIMEOUT_S <= took < REQUEST_TIMEOUT_S + 4, took
+    # Well before the 900 tokens could finish (over a minute here); the slack is for a loaded box.
+    assert REQUEST_TIMEOUT_S <= took < REQUEST_TIMEOUT_S + 10, took
     kv = baseline["folio:kv_cache_usage_perc"]
     wait_metrics(srv.url, lambda m: m["folio:num_requests_running"] == 0
-                 and m["folio:kv_cache_usage_perc"] == pytest.approx(kv), 15, "KV freed after the deadline")
+                 and m["folio:kv_cache_usage_perc"] == pytest.approx(kv), 30, "KV freed after the deadline")
 
 
 def test_sigterm_drains(drain_server):
@@ -75,11 +76,14 @@ def test_sigterm_drains(drain_server):
 
     worker = threading.Thread(target=run_short)
     worker.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while json.loads(get(srv.url, "/ready")[1])["in_flight"] < 2:  # the short one is in too
+        assert time.monotonic() < deadline, "the short request never reached the gateway"
+        time.sleep(0.01)
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
 
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 5
     while get(srv.url, "/ready")[0] != 503:
         assert time.monotonic() < deadline, "/ready never turned 503"
         time.sleep(0.05)
@@ -99,7 +103,7 @@ def test_sigterm_drains(drain_server):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "ServiceUnavailableError" and "--shutdown-timeout" in error["message"]
-    assert SHUTDOWN_TIMEOUT_S - 0.5 <= ended < SHUTDOWN_TIMEOUT_S + 4, ended
+    assert SHUTDOWN_TIMEOUT_S - 0.5 <= ended < SHUTDOWN_TIMEOUT_S + 8, ended
 
     assert srv.proc.wait(SHUTDOWN_TIMEOUT_S + 20) == 0
     exited = time.monotonic() - t0
