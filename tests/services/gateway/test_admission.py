@@ -80,3 +80,22 @@ def test_stalled_engines_are_those_with_work_and_old_stats():
     assert stalled_engines(live, stats, now, 60.0) == ["busy-stuck", "waiting-stuck"]
     # An engine no longer live is not judged (the heartbeat path already reports it).
     assert stalled_engines([_info("busy-fresh")], stats, now, 60.0) == []
+
+
+def test_serve_flags_reach_the_gateway_settings():
+    """`folio serve` forwards the engine flags to `folio gateway`: the limits must survive the trip."""
+    import argparse
+
+    from services.gateway import server
+    from shared.cli_args import engine_args_to_argv
+    from shared.config import EngineConfig
+
+    config = EngineConfig(max_num_queued_reqs=64, max_num_queued_tokens=4096, request_timeout=7.5,
+                          shutdown_timeout=3.0)
+    parser = argparse.ArgumentParser()
+    server.add_cli_args(parser)
+    args = parser.parse_args([*engine_args_to_argv(config), "--redis-url", "redis://x"])
+    s = server.settings_from_args(args)
+    assert (s.max_num_queued_reqs, s.max_num_queued_tokens, s.request_timeout_s, s.shutdown_timeout_s) == (
+        64, 4096, 7.5, 3.0)
+    assert (s.max_request_body_bytes, s.engine_stall_timeout_s) == (16 * 1024 * 1024, 60.0)
