@@ -86,13 +86,13 @@ class Load:
     def body(self, i: int) -> dict:
         return {"model": MODEL, "prompt": f"Note {i}: the weather on day {i % 13} was",
                 "max_tokens": self.max_tokens, "temperature": 0.0, "stream": True,
-                "ignore_eos": True}
+                "stream_options": {"include_usage": True}, "ignore_eos": True}
 
     async def one(self, client: httpx.AsyncClient, i: int,
                   cut: Callable[[int], bool] | None = None) -> Outcome:
         """One streamed request; `cut(tokens_so_far)` true disconnects the client there."""
         t0 = time.monotonic()
-        tokens, error = 0, ""
+        tokens, error, usage = 0, "", None
         try:
             async with asyncio.timeout(self.deadline_s):
                 if cut is not None and cut(-1):
@@ -110,9 +110,13 @@ class Load:
                         if "error" in event:
                             error = str(event["error"].get("message"))[:200]
                             continue
+                        # A chunk may carry several tokens (or none yet: held back by the
+                        # detokenizer); the usage chunk at the end has the count.
                         n = sum(1 for c in event.get("choices", []) if c.get("text"))
                         tokens += n
                         self.progress[0] += n
+                        if event.get("usage"):
+                            usage = event["usage"]["completion_tokens"]
         except TimeoutError:
             return Outcome("hang", tokens, f"no end within {self.deadline_s:g}s", time.monotonic() - t0)
         except httpx.HTTPError as e:
@@ -120,9 +124,9 @@ class Load:
         dt = time.monotonic() - t0
         if error:
             return Outcome("error", tokens, error, dt)
-        if tokens < self.max_tokens:
-            return Outcome("error", tokens, "stream ended early without an error event", dt)
-        return Outcome("ok", tokens, "", dt)
+        if usage != self.max_tokens:
+            return Outcome("error", tokens, f"stream ended without an error event and usage {usage}", dt)
+        return Outcome("ok", usage, "", dt)
 
     async def run(self, n: int, cut: Callable[[int, int], bool] | None = None) -> list[Outcome]:
         """n requests, `concurrency` at a time; `cut(i, tokens)` disconnects request i."""
