@@ -14,7 +14,7 @@
 # its huggingface/ folder), so models survive container restarts. The bundled
 # smollm2-135m-instruct is converted at build time into it: a new Docker volume starts with
 # that copy, so containers start without converting it. (Kubernetes mounts its model volume at
-# the huggingface/ folder only, for the same reason: k8s/engine.yaml.)
+# the huggingface/ folder only, for the same reason: k8s/base/engine.yaml.)
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- build: a venv with everything
