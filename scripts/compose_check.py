@@ -530,8 +530,29 @@ def prometheus_scraped(port: int, timeout: float = 60) -> None:
     raise AssertionError(f"Prometheus has not scraped the gateway in {timeout:.0f} s")
 
 
+def trace_reached_jaeger(port: int, response_id: str, timeout: float = 60) -> None:
+    """The real collector forwarded the request's trace to Jaeger: find it through Jaeger's
+    query API by the response id (untested here: no Jaeger image could be pulled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            url = f"http://127.0.0.1:{port}/api/traces?service=folio-gateway&limit=50&lookback=1h"
+            traces = json.load(urllib.request.urlopen(url, timeout=5)).get("data") or []
+        except OSError:
+            traces = []
+        for t in traces:
+            tags = {(tag["key"], str(tag["value"])) for sp in t["spans"] for tag in sp.get("tags", [])}
+            if ("gen_ai.response.id", response_id) in tags:
+                services = sorted({p["serviceName"] for p in t["processes"].values()})
+                log(f"trace {t['traceID']} of {response_id} reached Jaeger through the collector: "
+                    f"{len(t['spans'])} spans from {services}")
+                return
+        time.sleep(2)
+    raise AssertionError(f"no trace with gen_ai.response.id={response_id} in Jaeger after {timeout:.0f} s")
+
+
 def trace_reached_collector(container: str, timeout: float = 30) -> None:
-    """The real collector: its debug exporter logs every batch of spans it forwards."""
+    """The real collector without Jaeger: its debug exporter logs every batch of spans."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = docker("logs", container, check=False, quiet=True)
@@ -624,6 +645,8 @@ def main() -> None:
             if "otel-collector" in services:
                 if standin_collector:
                     trace_reached_standin(4318, resp.id)
+                elif "jaeger" in services:
+                    trace_reached_jaeger(16686, resp.id)
                 else:
                     trace_reached_collector(f"{PROJECT}-otel-collector-1")
             drain_on_stop(port, model, "gateway", seconds(services["gateway"]["stop_grace_period"]))
