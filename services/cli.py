@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-id", default="e0")
     p.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
                    help='parse tool calls out of free text, enabling tool_choice "auto"')
+    p.add_argument("--max-request-body-size", type=int, default=None, metavar="BYTES",
+                   help="the gateway answers 413 to a larger request body (default 16 MiB)")
+    p.add_argument("--engine-stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="/health fails when an engine with requests has not finished a step for "
+                   "this long (default 60)")
     p.add_argument("--enable-auto-tool-choice", action="store_true", default=False,
                    help="vLLM's flag for tool_choice \"auto\"; needs --tool-call-parser")
     add_bus_args(p)

@@ -300,6 +300,10 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         # The API key goes by environment, not argv, so `ps` does not show it.
         tool_parser = getattr(args, "tool_call_parser", None)  # checked by the CLI
         parser = ["--tool-call-parser", tool_parser] if tool_parser else []
+        # The gateway's own limits (the engine flags above carry the queue bounds and timeouts).
+        for flag in ("max_request_body_size", "engine_stall_timeout"):
+            if getattr(args, flag, None) is not None:
+                parser += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         sup.spawn("gateway", "gateway", "gateway",
                   ["gateway", "--host", args.host, "--port", str(args.port), *engine_argv, *common, *parser],
                   extra_env={"FOLIO_API_KEY": args.api_key} if args.api_key else None)

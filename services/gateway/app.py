@@ -152,16 +152,19 @@ class BodyLimitMiddleware:
 
 
 def stalled_engines(live: list[EngineInfo], stats: dict[str, EngineStats], now: float,
-                    bound_s: float) -> list[str]:
-    """Live engines whose last published stats show work (running or waiting requests) and
-    are older than bound_s. A scheduler publishes after every step (at most every 0.5 s) and
-    every 0.5 s while idle, so old stats with work mean no step has finished for that long;
-    a heartbeat alone (its own task) would not show that. Timestamps are wall-clock time of
-    the scheduler's host: the bound (tens of seconds) dwarfs any sane clock skew."""
+                    bound_s: float, serving: set[str] = frozenset()) -> list[str]:
+    """Live engines with work whose last published stats are older than bound_s. A scheduler
+    publishes after every step (at most every 0.5 s) and every 0.5 s while idle, so old stats
+    from an engine with work mean no step has finished for that long; a heartbeat alone (its
+    own task) would not show that. "With work": its stats say so (running or waiting
+    requests), or it is streaming to this gateway (`serving`: its last stats may predate the
+    request, being published at most every 0.5 s). Timestamps are wall-clock time of the
+    scheduler's host: the bound (tens of seconds) dwarfs any sane clock skew."""
     out = []
     for e in live:
         s = stats.get(e.engine_id)
-        if s is not None and s.num_running + s.num_waiting > 0 and now - s.timestamp > bound_s:
+        busy = s is not None and (s.num_running + s.num_waiting > 0 or e.engine_id in serving)
+        if busy and now - s.timestamp > bound_s:
             out.append(e.engine_id)
     return out
 
@@ -298,7 +301,7 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
         except Exception as e:  # the engines' heartbeats were just read: judge by the last stats seen
             log.warning("cannot read engine stats: %s", e)
         bound = settings.engine_stall_timeout_s
-        stalled = stalled_engines(engines, last_stats, time.time(), bound)
+        stalled = stalled_engines(engines, last_stats, time.time(), bound, client.serving_engines())
         if stalled:
             return error_response(ServiceUnavailableError(
                 f"Engine(s) {', '.join(stalled)} have requests but have not finished a step in "

@@ -145,6 +145,10 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._routes)
 
+    def serving_engines(self) -> set[str]:
+        """Engines streaming to this gateway now (they have sent a request of it a token)."""
+        return {r.engine_id for r in self._routes.values() if r.engine_id}
+
     # ------------------------------------------------------------------ engines
     async def engines(self, fresh: bool = False) -> list[EngineInfo]:
         """Live engines, cached for a second so requests do not each cost Redis round trips."""

@@ -80,6 +80,10 @@ def test_stalled_engines_are_those_with_work_and_old_stats():
     assert stalled_engines(live, stats, now, 60.0) == ["busy-stuck", "waiting-stuck"]
     # An engine no longer live is not judged (the heartbeat path already reports it).
     assert stalled_engines([_info("busy-fresh")], stats, now, 60.0) == []
+    # Streaming to this gateway is work too, though its last stats (published before the
+    # request came) say idle.
+    assert stalled_engines(live, stats, now, 60.0, {"idle-old"}) == [
+        "busy-stuck", "waiting-stuck", "idle-old"]
 
 
 def test_serve_flags_reach_the_gateway_settings():

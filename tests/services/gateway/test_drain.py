@@ -9,6 +9,7 @@ event, and `folio serve` exits 0 once its children have drained in order.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -18,17 +19,20 @@ import pytest
 
 from tests.services.gateway.conftest import run_server
 from tests.services.gateway.http_util import get, metrics, open_stream, raw_post, wait_metrics
+from tests.services.test_cli_serve import _descendants
 
 pytestmark = pytest.mark.slow
 
 REQUEST_TIMEOUT_S = 5.0
 SHUTDOWN_TIMEOUT_S = 3.0
+STALL_TIMEOUT_S = 1.5
 LONG = {"max_tokens": 900, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def drain_server():
-    flags = ["--request-timeout", str(REQUEST_TIMEOUT_S), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    flags = ["--request-timeout", str(REQUEST_TIMEOUT_S), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+             "--engine-stall-timeout", str(STALL_TIMEOUT_S)]
     with run_server(*flags, "--max-num-seqs", "8") as srv:
         yield srv
 
@@ -52,6 +56,38 @@ def test_server_request_timeout_applies_and_a_body_cannot_extend_it(drain_server
     kv = baseline["folio:kv_cache_usage_perc"]
     wait_metrics(srv.url, lambda m: m["folio:num_requests_running"] == 0
                  and m["folio:kv_cache_usage_perc"] == pytest.approx(kv), 30, "KV freed after the deadline")
+
+
+def test_health_fails_while_an_engine_with_work_makes_no_progress(drain_server):
+    """An executor frozen mid-request (SIGSTOP): its scheduler publishes no stats while it waits
+    for the step, so /health is 503 after --engine-stall-timeout, long before the heartbeats
+    (5 s) or --step-timeout would tell; SIGCONT and it is 200 again."""
+    srv = drain_server
+    [executor] = [p for p, cmd in _descendants(srv.proc.pid).items() if "services.cli executor" in cmd]
+    payload = {"model": srv.model, "prompt": "Once upon a time", "stream": True, **LONG}
+    conn = open_stream(srv.url, "/v1/completions", payload, srv.api_key)
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")  # it is running
+    assert get(srv.url, "/health")[0] == 200
+    os.kill(executor, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        while (health := get(srv.url, "/health"))[0] == 200:
+            assert time.monotonic() - t0 < 10, "/health never noticed the stall"
+            time.sleep(0.1)
+        stalled_after = time.monotonic() - t0
+    finally:
+        os.kill(executor, signal.SIGCONT)
+    status, body = health
+    assert status == 503 and b"have not finished a step" in body, body
+    assert stalled_after >= STALL_TIMEOUT_S - 0.5  # stats up to 0.5 s old when it froze
+    deadline = time.monotonic() + 20
+    while get(srv.url, "/health")[0] != 200:
+        assert time.monotonic() < deadline, "/health did not recover"
+        time.sleep(0.1)
+    conn.close()
+    print(f"\n/health 503 {stalled_after:.1f}s after the executor froze "
+          f"(--engine-stall-timeout {STALL_TIMEOUT_S})")
 
 
 def test_sigterm_drains(drain_server):
