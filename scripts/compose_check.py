@@ -431,8 +431,8 @@ class Stack:
             log(f"stopped {name} in {time.monotonic() - t0:.1f} s (exit code {code})")
         ids = docker("ps", "-aq", "--filter", f"label=com.folio.compose-check={PROJECT}",
                      quiet=True).stdout.split()
-        if ids:
-            docker("rm", "-f", *ids, quiet=True)
+        if ids:  # -v: also the anonymous volumes of the images' VOLUME (the model cache)
+            docker("rm", "-f", "-v", *ids, quiet=True)
         docker("network", "rm", f"{PROJECT}_default", check=False, quiet=True)
         vols = docker("volume", "ls", "-q", "--filter", f"name={PROJECT}_", quiet=True).stdout.split()
         if vols:
