@@ -456,22 +456,30 @@ def chat_completion(port: int, model: str) -> object:
     return resp
 
 
+# One trace per request spans all three (service.name of each process's spans).
+TRACE_SERVICES = {"folio-gateway", "folio-scheduler", "folio-executor"}
+
+
 def trace_reached_standin(port: int, response_id: str, timeout: float = 30) -> None:
-    """Spans of the request's trace at the stand-in receiver (exporters batch: poll)."""
+    """The request's trace at the stand-in receiver, with spans of every service (each
+    process's exporter sends its batch on its own schedule: poll)."""
     deadline = time.monotonic() + timeout
     spans: list[dict] = []
+    services: set[str] = set()
     while time.monotonic() < deadline:
         spans = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/spans", timeout=5))
         ours = [s for s in spans if s["attributes"].get("gen_ai.response.id") == response_id]
         if ours:
             trace = [s for s in spans if s["trace_id"] == ours[0]["trace_id"]]
-            services = sorted({s["service"] or "?" for s in trace})
-            log(f"trace {ours[0]['trace_id']} of {response_id} reached the collector: {len(trace)} "
-                f"spans from {services}: " + ", ".join(sorted({s['name'] for s in trace})))
-            return
+            services = {s["service"] or "?" for s in trace}
+            if services >= TRACE_SERVICES:
+                log(f"trace {ours[0]['trace_id']} of {response_id} reached the collector: {len(trace)} "
+                    f"spans from {sorted(services)}: " + ", ".join(sorted({s['name'] for s in trace})))
+                return
         time.sleep(1)
-    raise AssertionError(f"no span with gen_ai.response.id={response_id} reached the collector in "
-                         f"{timeout:.0f} s ({len(spans)} other spans arrived)")
+    raise AssertionError(f"the trace of {response_id} did not reach the collector from all of "
+                         f"{sorted(TRACE_SERVICES)} in {timeout:.0f} s (its services: {sorted(services)}; "
+                         f"{len(spans)} spans arrived)")
 
 
 def drain_on_stop(port: int, model: str, service: str, grace: float) -> None:
