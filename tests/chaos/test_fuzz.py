@@ -4,7 +4,7 @@ to `folio serve` on a tiny model. No response may be a 5xx, and every error is i
 OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 The example budget is fixed and the generation derandomized, so a run is repeatable: CI
-runs FUZZ_EXAMPLES (10) per operation; `make chaos` runs 100 (FOLIO_FUZZ_EXAMPLES).
+runs 5 examples per operation; `make chaos` runs 100 (FOLIO_FUZZ_EXAMPLES).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 API_KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-EXAMPLES = int(os.environ.get("FOLIO_FUZZ_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("FOLIO_FUZZ_EXAMPLES", "5"))
 
 
 @pytest.fixture(scope="module")
