@@ -70,8 +70,10 @@ def is_outage(e: BaseException) -> bool:
     """True for errors that mean Redis went away (or came back empty), not a bug: a lost or
     refused connection, a timeout, Redis still loading its data, and a consumer group or
     stream that vanished with a restart (NOGROUP)."""
-    if isinstance(e, AuthenticationError | AuthorizationError):
-        return False  # a wrong password is a configuration error: waiting will not fix it
+    if isinstance(e, AuthenticationError | AuthorizationError) or "authenticated" in str(e):
+        # A wrong or missing password (redis-py reports the latter as a ConnectionError) is a
+        # configuration error: waiting will not fix it.
+        return False
     if isinstance(e, RedisConnectionError | RedisTimeoutError | ConnectionError | asyncio.TimeoutError):
         return True
     return isinstance(e, ResponseError) and str(e).startswith(("NOGROUP", "LOADING"))

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 _PR_SET_PDEATHSIG = 1
 
@@ -76,13 +77,14 @@ class PrivateRedis:
     url: str
     socket_path: str
     tmpdir: str
+    password: str | None = None
 
     def restart(self, timeout_s: float = 10.0) -> None:
         """Start the server again on the same socket, once it has died; returns once it
         answers PING (raises RuntimeError if it does not)."""
         if self.process.poll() is None:
             return
-        self.process = _spawn(self.socket_path, self.tmpdir)
+        self.process = _spawn(self.socket_path, self.tmpdir, self.password)
         _wait_ready(self, timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -97,11 +99,15 @@ class PrivateRedis:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _ping(socket_path: str) -> bool:
+def _ping(socket_path: str, password: str | None = None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             s.connect(socket_path)
+            if password is not None:
+                s.sendall(b"AUTH %b\r\n" % password.encode())
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -116,17 +122,19 @@ def _read(path: str) -> str:
         return ""
 
 
-def start_private_redis(timeout_s: float = 10.0) -> PrivateRedis:
-    """Start redis-server on a unix socket in a temp dir; return once it answers PING."""
+def start_private_redis(timeout_s: float = 10.0, password: str | None = None) -> PrivateRedis:
+    """Start redis-server on a unix socket in a temp dir; return once it answers PING.
+    With `password`, clients must AUTH (the URL carries it: unix://:PASSWORD@/path)."""
     # Unix socket paths are limited to ~107 bytes: keep the dir short.
     tmpdir = tempfile.mkdtemp(prefix="folio-redis-", dir="/tmp" if os.path.isdir("/tmp") else None)
     sock = os.path.join(tmpdir, "redis.sock")
     try:
-        proc = _spawn(sock, tmpdir)
+        proc = _spawn(sock, tmpdir, password)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    server = PrivateRedis(proc, f"unix://{sock}", sock, tmpdir)
+    url = f"unix://:{quote(password, safe='')}@{sock}" if password else f"unix://{sock}"
+    server = PrivateRedis(proc, url, sock, tmpdir, password)
     try:
         _wait_ready(server, timeout_s)
     except BaseException:
@@ -135,11 +143,20 @@ def start_private_redis(timeout_s: float = 10.0) -> PrivateRedis:
     return server
 
 
-def _spawn(sock: str, tmpdir: str) -> subprocess.Popen:
+def _spawn(sock: str, tmpdir: str, password: str | None = None) -> subprocess.Popen:
     binary = find_redis_server()
     logfile = os.path.join(tmpdir, "redis.log")
+    conf = []
+    if password is not None:
+        # In a config file only we can read, not on argv (`ps` would show it).
+        path = os.path.join(tmpdir, "redis.conf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{password}"\n')
+        conf = [path]
     cmd = [
         binary,
+        *conf,
         "--port", "0",
         "--unixsocket", sock,
         "--unixsocketperm", "700",
@@ -163,7 +180,7 @@ def _wait_ready(server: PrivateRedis, timeout_s: float) -> None:
         if proc.poll() is not None:
             err = _read(os.path.join(server.tmpdir, "redis.log"))
             raise RuntimeError(f"redis-server exited with code {proc.returncode}: {err.strip()}")
-        if _ping(server.socket_path):
+        if _ping(server.socket_path, server.password):
             return
         time.sleep(0.02)
     raise RuntimeError(f"redis-server did not answer PING within {timeout_s:.0f}s")

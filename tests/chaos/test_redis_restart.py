@@ -3,7 +3,8 @@ no client hangs (every stream ends with its tokens or an error within its deadli
 services reconnect on their own, new requests succeed within seconds, and the system is
 back to idle (no KV block held, nothing pending or logged).
 
-CI runs it at concurrency 8; `make chaos` at the issue's 32.
+CI runs it at concurrency 8; `make chaos` at the issue's 32. The same with an external
+Redis that requires a password and is restarted by someone else (CI).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 
 import pytest
 
+from shared.redis_server import start_private_redis
 from tests.chaos.harness import (
     Load,
     pid_of,
@@ -24,6 +26,7 @@ from tests.chaos.harness import (
     wait_idle,
     wait_progress,
 )
+from tests.services.test_cli_serve import _descendants
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +59,36 @@ async def test_redis_killed_and_restarted_under_load(serve, concurrency):
     again = await Load(serve.base, concurrency, max_tokens=8).run(concurrency)
     assert tally(again) == {"ok": concurrency}, [o for o in again if o.kind != "ok"]
     await wait_idle(redis_url_of(serve))
+
+
+async def test_external_redis_with_a_password_restarted_under_load(smollm2_dir):
+    """`folio serve --redis-url` on a Redis that requires a password and that something else
+    (its orchestrator) restarts, empty, a second after it died: the password stays out of
+    every child's argv, the services reconnect by themselves, no client hangs, and the
+    system serves again and goes back to idle."""
+    password = "chaos-s3cret"
+    redis = start_private_redis(password=password)
+    serve = None
+    try:
+        serve = start_serve(smollm2_dir, "--redis-url", redis.url)
+        children = _descendants(serve.proc.pid)
+        assert len(children) >= 3 and not any(password in cmd for cmd in children.values()), children
+        load = Load(serve.base, 8, max_tokens=24, deadline_s=90)
+        task = asyncio.create_task(load.run(16))
+        await wait_progress(load, 32)
+        redis.process.kill()
+        await asyncio.to_thread(redis.process.wait)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(redis.restart)
+        back_s, outcomes = await asyncio.gather(serves_again(serve.base), task)
+        counts = tally(outcomes)
+        print(f"external redis (password) restarted after 1 s at concurrency 8: {dict(counts)}; serving "
+              f"again {back_s:.1f}s after Redis was back")
+        assert counts["hang"] == 0, [o for o in outcomes if o.kind == "hang"]
+        again = await Load(serve.base, 8, max_tokens=8).run(8)
+        assert tally(again) == {"ok": 8}, [o for o in again if o.kind != "ok"]
+        await wait_idle(redis.url)
+    finally:
+        if serve is not None:
+            serve.stop()
+        redis.stop()

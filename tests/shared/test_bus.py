@@ -485,6 +485,13 @@ async def test_rediss_url_with_a_password(tmp_path):
             assert not is_outage(e.value)
         finally:
             await wrong.close()
+        missing = Bus(f"rediss://localhost:{port}/0?ssl_ca_certs={cert}", "tls")
+        try:
+            with pytest.raises(Exception) as e:
+                await missing.ping()
+            assert not is_outage(e.value), e.value
+        finally:
+            await missing.close()
     finally:
         if proxy is not None:
             proxy.close()
