@@ -17,8 +17,9 @@ the heartbeat beats from its own thread, so a long step does not look like a dea
 
 A Redis outage ends every request this rank holds (its scheduler drops them too, see
 services/scheduler/service.py): the rank drops them, reconnects with backoff and
-registers again; the heartbeat re-registers the rank with each beat as well, so a Redis
-that restarted empty knows it again within a second.
+registers again (at TP > 1 all ranks restart instead, see `_reconnect`); the heartbeat
+re-registers the rank with each beat as well, so a Redis that restarted empty knows it
+again within a second.
 """
 
 from __future__ import annotations
@@ -206,7 +207,14 @@ class ExecutorService:
 
     async def _reconnect(self, error: BaseException, info: EngineInfo) -> None:
         """After a Redis outage: drop every request (the next plan finishes them in the
-        runner), wait for Redis with backoff, register again."""
+        runner), wait for Redis with backoff, register again. At TP > 1 the rank leaves
+        instead (exit code 3, as for a lost peer): the ranks may have seen different last
+        plans before the outage (one read step N+1, another's read failed), and would then
+        run mismatched collectives; the restart policy starts all ranks afresh."""
+        if self.config.tensor_parallel_size > 1:
+            log.critical("executor %s rank %d lost Redis (%s: %s); leaving the group so all ranks "
+                         "restart in step", self.engine_id, self.tp_rank, type(error).__name__, error)
+            os._exit(3)  # a peer may be blocked in a collective with this rank: no clean way out
         log.error("executor %s rank %d lost Redis (%s: %s); dropping %d request(s), reconnecting",
                   self.engine_id, self.tp_rank, type(error).__name__, error,
                   len(self.runner.input_batch.requests))

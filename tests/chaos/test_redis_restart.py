@@ -17,6 +17,7 @@ import pytest
 
 from shared.redis_server import start_private_redis
 from tests.chaos.harness import (
+    MODEL,
     Load,
     pid_of,
     redis_url_of,
@@ -26,7 +27,8 @@ from tests.chaos.harness import (
     wait_idle,
     wait_progress,
 )
-from tests.services.test_cli_serve import _descendants
+from tests.services.serve_process import ServeProcess
+from tests.services.test_cli_serve import _descendants, _tiny_model_with_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +94,33 @@ async def test_external_redis_with_a_password_restarted_under_load(smollm2_dir):
         if serve is not None:
             serve.stop()
         redis.stop()
+
+
+@pytest.mark.chaos
+async def test_redis_killed_under_a_tensor_parallel_engine(tmp_path):
+    """TP 2 (a tiny model: SmolLM2's 9 heads do not split in two). The ranks may have seen
+    different last plans when Redis died (one read the next step, the other's read failed),
+    so they leave the group (exit 3) and `folio serve` restarts them together; no client
+    hangs, a new request is served again and the engine is idle after. (Before, the ranks reconnected on
+    their own and sometimes ran mismatched collectives: gloo aborted rank 0.)"""
+    model = _tiny_model_with_tokenizer(tmp_path / "tiny")
+    serve = ServeProcess(model, "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "64",
+                         "--tensor-parallel-size", "2")
+    try:
+        serve.wait_ready()
+        load = Load(serve.base, 8, max_tokens=24, deadline_s=120)
+        task = asyncio.create_task(load.run(16))
+        await wait_progress(load, 32)
+        os.kill(pid_of(serve, "redis"), signal.SIGKILL)
+        back_s, outcomes = await asyncio.gather(serves_again(serve.base), task)
+        counts = tally(outcomes)
+        print(f"redis kill under TP 2 at concurrency 8: {dict(counts)}; serving again {back_s:.1f}s "
+              "after the kill")
+        assert counts["hang"] == 0, [o for o in outcomes if o.kind == "hang"]
+        assert "restarting executors e0" in serve.output(), serve.output()
+        await wait_idle(redis_url_of(serve))
+        # NOTE: a further wave right after this got 503 "No engine is available" from the
+        # gateway in every run, while the engine was registered and alive in Redis (seen by
+        # wait_idle); not explained yet (docs/reliability.md, "Not covered").
+    finally:
+        serve.stop()
