@@ -620,7 +620,6 @@ class SchedulerService:
         h.observe("request_inference_time_seconds", now - req.scheduled_ts)
 
 
-
 def _stream_order(stream_id: bytes) -> tuple[int, int]:
     ms, _, seq = stream_id.partition(b"-")
     return int(ms), int(seq or 0)
