@@ -104,6 +104,22 @@ class Malformed:
             return None
 
 
+_HOLD_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class Keys:
     def __init__(self, namespace: str = "folio") -> None:
         self.ns = namespace
@@ -135,6 +151,11 @@ class Keys:
 
     def gateway_tokens(self, gateway_id: str) -> str:
         return f"{self.ns}:gateway:{gateway_id}:tokens"
+
+    @property
+    def metrics_exporter(self) -> str:
+        """The gateway that exports the engine series on its /metrics (a lease: its id, PX)."""
+        return f"{self.ns}:metrics:engine-exporter"
 
 
 class Bus:
@@ -440,6 +461,16 @@ class Bus:
         if claim is not None:
             claimed = await self._decode_entries(self.keys.requests, replies[1], GenerateRequest)
         return claimed, await self._first_entry(key, replies[-1], StepResult)
+
+    async def hold_lease(self, key: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease `key` for `holder` if nobody holds it, or renew it if `holder` does;
+        True if `holder` holds it for the next ttl_s. One atomic script: a renewal never
+        overwrites a lease that expired and another holder took meanwhile."""
+        return bool(await self.redis.eval(_HOLD_LEASE, 1, key, holder, int(ttl_s * 1000)))
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Give the lease up if `holder` still holds it (so another can take it at once)."""
+        return bool(await self.redis.eval(_RELEASE_LEASE, 1, key, holder))
 
     async def publish_stats(self, stats: EngineStats, ttl_s: float = 10.0) -> None:
         await self.redis.set(self.keys.stats(stats.engine_id), encode(stats), px=int(ttl_s * 1000))

@@ -177,7 +177,8 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
         )
     disable_created_metrics()
     bus = Bus(settings.redis_url, settings.redis_namespace)
-    client = EngineClient(bus, settings.gateway_id, resume_timeout_s=settings.resume_timeout_s)
+    client = EngineClient(bus, settings.gateway_id, resume_timeout_s=settings.resume_timeout_s,
+                          metrics_lease_ttl_s=settings.engine_metrics_lease_ttl_s)
     model_name = settings.served_model_name or settings.model
     state = GatewayState(
         settings, tokenizer, client, GatewayMetrics(model_name), GatewayTracer(settings.otlp_traces_endpoint)
@@ -324,11 +325,15 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        try:
-            stats = await asyncio.wait_for(bus.engine_stats(), _REDIS_TIMEOUT_S)
-        except Exception as e:  # still serve the gateway's own metrics
-            log.warning("cannot read engine stats: %s", e)
-            stats = []
+        # The engine series only from the lease holder (one gateway at a time), so a plain
+        # `sum` over gateways is the true value; the others render just their own series.
+        stats = None
+        if client.exports_engine_metrics:
+            try:
+                stats = await asyncio.wait_for(bus.engine_stats(), _REDIS_TIMEOUT_S)
+            except Exception as e:  # still serve the gateway's own metrics
+                log.warning("cannot read engine stats: %s", e)
+                stats = []
         return Response(state.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -17,6 +17,15 @@ generated; the route keeps the next index it expects and passes on only what is 
 a client sees each token exactly once, in order. A watchdog ends a request whose engine
 is dead (or, before its first token, while no engine is alive) and that nothing has
 resumed within `resume_timeout_s`, so no request waits forever.
+
+The same loop holds the engine-metrics lease: exactly one gateway at a time exports the
+engine series (the schedulers' EngineStats) on its /metrics, so a plain Prometheus `sum`
+over every gateway is the true value. The lease is a Redis key ({ns}:metrics:engine-exporter
+= gateway id, PX ttl) taken when free and renewed by its holder every ttl/3; a holder that
+stops gives it up, one that dies lets it expire, and another gateway takes it at its next
+round. `exports_engine_metrics` is a cached flag (no Redis on a scrape): true only until
+the lease this gateway last renewed would have expired, so during an outage the holder
+stops exporting before another can start.
 """
 
 from __future__ import annotations
@@ -50,12 +59,15 @@ _INTERRUPT = object()  # queued after the deltas a stream got before it was inte
 class RequestStream:
     """The deltas of one HTTP request's sub-requests (n choices × prompts), in arrival order."""
 
-    __slots__ = ("queue", "req_ids", "error")
+    __slots__ = ("queue", "req_ids", "error", "engines")
 
     def __init__(self, req_ids: list[str]) -> None:
         self.req_ids = req_ids
         self.queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self.error: APIError | None = None
+        # req_id -> the engine whose batch carried its latest delta (set before the delta is
+        # queued, so a reader sees the engine of every delta it got; absent before any).
+        self.engines: dict[str, str] = {}
 
     async def get(self) -> TokenDelta:
         """The next delta; raises the error the stream was interrupted with (deadline, drain)."""
@@ -97,6 +109,7 @@ class EngineClient:
         engine_cache_s: float = 1.0,
         watchdog_interval_s: float = 1.0,
         resume_timeout_s: float = 30.0,
+        metrics_lease_ttl_s: float = 10.0,
     ) -> None:
         self.bus = bus
         self.gateway_id = gateway_id
@@ -112,6 +125,8 @@ class EngineClient:
         self._watchdog_interval_s = watchdog_interval_s
         self._resume_timeout_s = resume_timeout_s
         self._subscribed = asyncio.Event()
+        self._lease_ttl_s = metrics_lease_ttl_s
+        self._lease_until = 0.0  # monotonic: the lease this gateway holds lasts until then
         # Each concurrent Redis command takes its own pooled connection, and a new one costs
         # ~3 ms of CPU (redis-py reads its package metadata for CLIENT SETINFO): a burst of 64
         # submits opened 60 connections, the largest cost of a burst's 429s. A few in flight
@@ -120,6 +135,7 @@ class EngineClient:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        await self._hold_lease()  # before serving: a first scrape already knows
         self._tasks = [
             asyncio.create_task(self._subscriber(), name="gateway-subscriber"),
             asyncio.create_task(self._aborter(), name="gateway-aborter"),
@@ -140,6 +156,37 @@ class EngineClient:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.exports_engine_metrics:  # hand the engine series over now, not at expiry
+            self._lease_until = 0.0
+            try:
+                await asyncio.wait_for(
+                    self.bus.release_lease(self.bus.keys.metrics_exporter, self.gateway_id),
+                    _REDIS_TIMEOUT_S)
+            except Exception as e:
+                log.warning("could not release the engine-metrics lease (it expires): %s", e)
+
+    # ------------------------------------------------------------------ metrics lease
+    @property
+    def exports_engine_metrics(self) -> bool:
+        """Whether this gateway's /metrics carries the engine series now (no Redis call)."""
+        return time.monotonic() < self._lease_until
+
+    async def _hold_lease(self) -> None:
+        """Take or renew the engine-metrics lease; on a Redis error keep what is known (the
+        flag turns false by itself when the last renewal would have expired)."""
+        before = self.exports_engine_metrics
+        t = time.monotonic()
+        try:
+            held = await asyncio.wait_for(
+                self.bus.hold_lease(self.bus.keys.metrics_exporter, self.gateway_id, self._lease_ttl_s),
+                _REDIS_TIMEOUT_S)
+        except Exception as e:
+            log.debug("cannot renew the engine-metrics lease: %s", e)
+        else:
+            self._lease_until = t + self._lease_ttl_s if held else 0.0
+        if self.exports_engine_metrics != before:
+            log.info("gateway %s %s the engine series on /metrics", self.gateway_id,
+                     "now exports" if not before else "no longer exports")
 
     @property
     def num_in_flight(self) -> int:
@@ -151,8 +198,14 @@ class EngineClient:
 
     # ------------------------------------------------------------------ engines
     async def engines(self, fresh: bool = False) -> list[EngineInfo]:
-        """Live engines, cached for a second so requests do not each cost Redis round trips."""
-        if fresh or time.monotonic() - self._engines_at > self._engine_cache_s:
+        """Live engines, cached for a second so requests do not each cost Redis round trips.
+
+        Only a list with an engine in it is served from the cache. "None alive" is asked
+        again each time (requests arriving together still share one query): cached, it
+        turned an engine that registered within the second into a 503 for every request of
+        that second, e.g. the first wave after a Redis restart under a TP 2 engine, whose
+        ranks take seconds to come back while requests keep the gateway asking."""
+        if fresh or not self._engines or time.monotonic() - self._engines_at > self._engine_cache_s:
             # Requests arriving together share one refresh instead of each querying Redis.
             if self._refresh is None or self._refresh.done():
                 self._refresh = asyncio.ensure_future(self._fetch_engines())
@@ -264,6 +317,7 @@ class EngineClient:
                 continue  # aborted, or another gateway's leftover
             if batch.engine_id:
                 route.engine_id = batch.engine_id
+                route.stream.engines[delta.req_id] = batch.engine_id
             ended = bool(delta.finish_reason or delta.error)
             seen = route.next_index - delta.index
             if seen > 0 and delta.token_ids:
@@ -310,8 +364,11 @@ class EngineClient:
         return True
 
     async def _watchdog(self) -> None:
+        # Often enough to renew the lease twice more before it expires.
+        interval = min(self._watchdog_interval_s, self._lease_ttl_s / 3)
         while True:
-            await asyncio.sleep(self._watchdog_interval_s)
+            await asyncio.sleep(interval)
+            await self._hold_lease()
             if self._routes:
                 alive = {e.engine_id for e in await self.engines(fresh=True)}
                 self._check_routes(alive, time.monotonic())

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.gateway.errors import EngineError
+from services.gateway.metrics import NO_ENGINE
 from services.gateway.sampling import expand
 from services.gateway.state import GatewayState
 from shared.detokenizer import IncrementalDetokenizer
@@ -40,6 +41,7 @@ class Choice:
     text_offset: int = 0  # streaming completions logprobs continue from here
     last_token_time: float = 0.0
     first_token_time: float = 0.0
+    prompt_counted: bool = False  # its prompt tokens are in folio:prompt_tokens_total
 
 
 @dataclass(slots=True)
@@ -108,7 +110,6 @@ class Generation:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._stream = await self.state.client.submit(self.reqs)
-        self.state.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in self.reqs))
 
     @property
     def done(self) -> bool:
@@ -157,10 +158,13 @@ class Generation:
             self._unfinished.discard(choice.req_id)
             self._finished_metrics(choice, "error", time.perf_counter())
             raise EngineError(delta.error)
-        metrics = self.state.metrics
+        metrics = self.state.metrics.of(self._engine(choice))
         now = time.perf_counter()
         new_ids = delta.token_ids
         if new_ids:
+            if not choice.prompt_counted:  # prefilled: counted for the engine that did it
+                choice.prompt_counted = True
+                metrics.prompt_tokens.inc(len(choice.prompt_ids))
             if choice.last_token_time == 0.0:
                 metrics.ttft.observe(now - self.arrival)
                 choice.first_token_time = now
@@ -201,6 +205,10 @@ class Generation:
     def _finished_metrics(self, choice: Choice, reason: str | None, now: float) -> None:
         """One choice is over: vLLM's per-request metrics (each choice is a request there)."""
         decode_s = choice.last_token_time - choice.first_token_time if choice.first_token_time else 0.0
+        engine = self._engine(choice)
+        if self._stream is not None and not choice.prompt_counted:  # ended before a token
+            choice.prompt_counted = True
+            self.state.metrics.of(engine).prompt_tokens.inc(len(choice.prompt_ids))
         self.state.metrics.finished(
             reason or "abort",
             now - self.arrival,
@@ -208,7 +216,15 @@ class Generation:
             num_generation_tokens=len(choice.token_ids),
             decode_s=decode_s,
             max_tokens=self.reqs[choice.index].sampling_params.max_tokens,
+            engine=engine,
         )
+
+    def _engine(self, choice: Choice) -> str:
+        """The `engine` label of a choice's request series: the engine whose batch carried its
+        latest delta (as vLLM labels by the engine that served it), NO_ENGINE if none did."""
+        if self._stream is None:
+            return NO_ENGINE
+        return self._stream.engines.get(choice.req_id) or NO_ENGINE
 
     # ------------------------------------------------------------------ totals
     @property

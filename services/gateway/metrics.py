@@ -1,21 +1,21 @@
 """Prometheus metrics with vLLM's v1 names and meanings under a `folio:` prefix.
 
-Who exports what (docs/architecture.md, "Metrics", has the table and the PromQL rules):
+Who exports what (docs/architecture.md, "Metrics", has the table): every series comes from
+exactly one process, so a plain `sum` over gateways is the true value.
 
-- Request series, labels `model_name`: measured here, where the client's clock is, for the
-  requests this gateway served. Each request is counted by exactly one gateway, so a plain
-  `sum` over gateways is the true total: prompt/generation tokens, request_success by
-  finished_reason, TTFT, inter-token latency, time per output token, e2e latency, prompt
-  and generation lengths, max_tokens.
+- Request series, labels `model_name, engine`: measured here, where the client's clock is,
+  for the requests this gateway served, labelled with the engine that served each one
+  (NO_ENGINE when none did): prompt/generation tokens, request_success by finished_reason,
+  TTFT, inter-token latency, time per output token, e2e latency, prompt and generation
+  lengths, max_tokens.
 - Engine series, labels `model_name, engine`: owned by the schedulers, read from their
-  published EngineStats at scrape time: running/waiting requests, KV cache usage, prefix
-  cache queries/hits, preemptions, spec decoding, tokens per step, and the request phases
-  only the scheduler sees (queue, prefill, decode, inference time). Every gateway exports
-  the same numbers for an engine, so aggregate them per engine first:
-  `sum(max by (model_name, engine) (...))`.
-- `num_requests_unclaimed`, label `model_name`: requests in the shared stream no engine has
-  claimed (engines claim only what they can run, so under overload the queue is there, not
-  in num_requests_waiting). The same in every gateway: aggregate with `max`.
+  published EngineStats at scrape time, and rendered only by the gateway holding the
+  engine-metrics lease (engine_client.py; `render(None)` elsewhere): running/waiting
+  requests, KV cache usage, prefix cache queries/hits, preemptions, spec decoding, tokens
+  per step, the request phases only the scheduler sees (queue, prefill, decode, inference
+  time), and `num_requests_unclaimed` (label `model_name`: requests in the shared stream
+  no engine has claimed; engines claim only what they can run, so under overload the
+  queue is there, not in num_requests_waiting).
 
 NOTE: with n > 1, `prompt_tokens` counts the prompt once per choice, as vLLM does (each
 of the n choices is its own request in vLLM's output processor, which adds that
@@ -49,6 +49,8 @@ from shared.metric_buckets import (
 from shared.protocol import EngineStats, HistogramCounts
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# The `engine` label of a request no engine sent anything (aborted or failed while queued).
+NO_ENGINE = "none"
 # Token-count buckets go up to max_model_len in vLLM; a gateway started without one uses this.
 DEFAULT_MAX_MODEL_LEN = 131072
 
@@ -93,9 +95,11 @@ class EngineStatsCollector(Collector):
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.stats: list[EngineStats] = []
+        self.stats: list[EngineStats] | None = None  # None: another gateway exports them
 
     def collect(self) -> Iterator[Metric]:
+        if self.stats is None:
+            return
         labels = ["model_name", "engine"]
         engines = sorted(self.stats, key=lambda e: e.engine_id)
         for name, doc, field in _ENGINE_GAUGES:
@@ -138,45 +142,70 @@ class EngineStatsCollector(Collector):
             yield h
 
 
+class _PerEngine:
+    """The request series of one (model_name, engine), bound once."""
+
+    __slots__ = ("prompt_tokens", "generation_tokens", "success", "ttft", "itl", "tpot", "e2e",
+                 "prompt_len", "generation_len", "max_tokens")
+
+
 class GatewayMetrics:
     def __init__(self, model_name: str, max_model_len: int | None = None) -> None:
         self.registry = CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
+        self.model_name = model_name
+        r, labels = self.registry, ["model_name", "engine"]
         self.engine = EngineStatsCollector(model_name)
         r.register(self.engine)
         lengths = buckets_1_2_5(max_model_len or DEFAULT_MAX_MODEL_LEN)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=r).labels(model_name)
+            return Counter(name, doc, labels, registry=r)
 
         def histogram(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
-        self.prompt_tokens = counter("folio:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("folio:generation_tokens",
-                                         "Number of generation tokens processed.")
-        success = Counter(
+        self._families = {
+            "prompt_tokens": counter("folio:prompt_tokens", "Number of prefill tokens processed."),
+            "generation_tokens": counter("folio:generation_tokens", "Number of generation tokens processed."),
+            "ttft": histogram("folio:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", TTFT_BUCKETS),
+            "itl": histogram("folio:inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", TOKEN_LATENCY_BUCKETS),
+            "tpot": histogram("folio:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.",
+                              TOKEN_LATENCY_BUCKETS),
+            "e2e": histogram("folio:e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS),
+            "prompt_len": histogram("folio:request_prompt_tokens", "Number of prefill tokens processed.",
+                                    lengths),
+            "generation_len": histogram("folio:request_generation_tokens",
+                                        "Number of generation tokens processed.", lengths),
+            "max_tokens": histogram("folio:request_params_max_tokens",
+                                    "Histogram of the max_tokens request parameter.", lengths),
+        }
+        self._success = Counter(
             "folio:request_success",
             "Count of successfully processed requests.",
             labels + ["finished_reason"],
             registry=r,
         )
-        self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
-        self.ttft = histogram("folio:time_to_first_token_seconds",
-                              "Histogram of time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = histogram("folio:inter_token_latency_seconds",
-                             "Histogram of inter-token latency in seconds.", TOKEN_LATENCY_BUCKETS)
-        self.tpot = histogram("folio:request_time_per_output_token_seconds",
-                              "Histogram of time_per_output_token_seconds per request.",
-                              TOKEN_LATENCY_BUCKETS)
-        self.e2e = histogram("folio:e2e_request_latency_seconds",
-                             "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS)
-        self.prompt_len = histogram("folio:request_prompt_tokens",
-                                    "Number of prefill tokens processed.", lengths)
-        self.generation_len = histogram("folio:request_generation_tokens",
-                                        "Number of generation tokens processed.", lengths)
-        self.max_tokens = histogram("folio:request_params_max_tokens",
-                                    "Histogram of the max_tokens request parameter.", lengths)
+        self._engines: dict[str, _PerEngine] = {}
+        # Every request series exists from the start (at 0), before any engine answered.
+        self.of(NO_ENGINE)
+
+    def of(self, engine: str | None) -> _PerEngine:
+        """The request series of the engine that served the request (NO_ENGINE: none did)."""
+        engine = engine or NO_ENGINE
+        bound = self._engines.get(engine)
+        if bound is None:
+            bound = _PerEngine()
+            for attr, family in self._families.items():
+                setattr(bound, attr, family.labels(self.model_name, engine))
+            # Every finish reason from the start, so rates over reasons begin at 0.
+            bound.success = {reason: self._success.labels(self.model_name, engine, reason)
+                             for reason in FINISH_REASONS}
+            self._engines[engine] = bound
+        return bound
 
     def finished(
         self,
@@ -186,21 +215,25 @@ class GatewayMetrics:
         num_generation_tokens: int = 0,
         decode_s: float = 0.0,
         max_tokens: int | None = None,
+        engine: str | None = None,
     ) -> None:
         """One request (one choice of n) finished. Lengths and time per output token are
         observed for requests whose prompt reached the engine (`num_prompt_tokens` given);
         time per output token needs two tokens (decode time / (tokens - 1), as vLLM)."""
-        self.success.get(reason, self.success["error"]).inc()
-        self.e2e.observe(e2e_s)
+        m = self.of(engine)
+        m.success.get(reason, m.success["error"]).inc()
+        m.e2e.observe(e2e_s)
         if num_prompt_tokens is None:
             return
-        self.prompt_len.observe(num_prompt_tokens)
-        self.generation_len.observe(num_generation_tokens)
+        m.prompt_len.observe(num_prompt_tokens)
+        m.generation_len.observe(num_generation_tokens)
         if max_tokens:
-            self.max_tokens.observe(max_tokens)
+            m.max_tokens.observe(max_tokens)
         if num_generation_tokens > 1:
-            self.tpot.observe(decode_s / (num_generation_tokens - 1))
+            m.tpot.observe(decode_s / (num_generation_tokens - 1))
 
-    def render(self, stats: list[EngineStats]) -> bytes:
+    def render(self, stats: list[EngineStats] | None) -> bytes:
+        """The registry; with the engines' stats only on the gateway that holds the
+        engine-metrics lease (None elsewhere: no engine series at all)."""
         self.engine.stats = stats
         return generate_latest(self.registry)

@@ -73,6 +73,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="how long a request whose engine failed waits to be resumed before it fails",
     )
     add(
+        "--engine-metrics-lease-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="the lease that lets exactly one gateway export the engine series on /metrics: "
+        "how long it outlives a holder that died (a stopping holder hands it over at once)",
+    )
+    add(
         "--tool-call-parser",
         choices=sorted(PARSERS),
         default=None,
@@ -132,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         shutdown_timeout_s=_or(getattr(args, "shutdown_timeout", None), 30.0),
         max_request_body_bytes=_or(getattr(args, "max_request_body_size", None), 16 * 1024 * 1024),
         engine_stall_timeout_s=_or(getattr(args, "engine_stall_timeout", None), 60.0),
+        engine_metrics_lease_ttl_s=_or(getattr(args, "engine_metrics_lease_ttl", None), 10.0),
     )
 
 

@@ -31,6 +31,8 @@ class GatewaySettings:
     # How long a request whose engine died may wait to be resumed by another engine (or,
     # before its first token, for any engine to be alive) before it fails (s).
     resume_timeout_s: float = 30.0
+    # Exactly one gateway exports the engine series (engine_client.py, the metrics lease).
+    engine_metrics_lease_ttl_s: float = 10.0
     generation_config: str = "auto"  # sampling defaults: see shared/generation_defaults.py
     tool_call_parser: str | None = None  # tool_choice "auto": see tool_parsers.py
     # Overload, deadlines, drain, limits (admission.py; docs/reliability.md).

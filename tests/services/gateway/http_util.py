@@ -31,7 +31,8 @@ def get(url: str, path: str) -> tuple[int, bytes]:
 
 
 def metrics(url: str) -> dict[str, float]:
-    """/metrics as {name: value}, labels dropped (one model, so one series per name) and
+    """/metrics as {name: value}, labels dropped and the series of a name summed (one model;
+    request series are per `engine`, including `none` for requests no engine answered) and
     request_success_total kept per finished_reason as `request_success_total:REASON`."""
     status, body = get(url, "/metrics")
     assert status == 200
@@ -46,7 +47,7 @@ def metrics(url: str) -> dict[str, float]:
             name = f"{name}:{reason}"
         if "_bucket" in name:
             continue
-        out[name] = float(value)
+        out[name] = out.get(name, 0.0) + float(value)
     return out
 
 

@@ -3,7 +3,8 @@
 One stack for the whole module (startup dominates the cost): a private Redis, `folio serve`
 on it exporting traces to an OTLP/HTTP receiver this test runs, with a KV cache of 4 blocks
 of 16 tokens so that two 40-token requests cannot both fit (one preemption), and a second
-`folio gateway` on the same Redis without any trace endpoint. Metrics are checked as
+`folio gateway` on the same Redis without any trace endpoint, started first so that it holds
+the engine-metrics lease (a 1 s TTL) until the takeover test kills it. Metrics are checked as
 deltas between scrapes around each workload, so the tests of this module do not depend on
 each other's order.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis as redis_py
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -43,13 +45,16 @@ BLOCK_SIZE = 16
 NUM_BLOCKS = 4
 DASHBOARD = ROOT / "k8s" / "observability" / "dashboards" / "folio.json"
 SERVICES = ("folio-gateway", "folio-scheduler", "folio-executor")
+GW2_ID = "gw2-observability"
+GW2_LEASE_TTL_S = 1.0
 
 
 @dataclass
 class Stack:
     url: str  # folio serve's gateway (traced)
-    url2: str  # the second gateway (no trace endpoint)
+    url2: str  # the second gateway (no trace endpoint; it exports the engine series)
     receiver: OTLPReceiver
+    gw2: subprocess.Popen
 
     def client(self, url: str) -> OpenAI:
         return OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
@@ -71,9 +76,18 @@ def stack():
         gw2 = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "gateway", MODEL, "--redis-url", redis.url,
              "--host", "127.0.0.1", "--port", str(port2), "--max-model-len", str(MAX_MODEL_LEN),
-             "--api-key", API_KEY],
+             "--api-key", API_KEY, "--gateway-id", GW2_ID,
+             "--engine-metrics-lease-ttl", str(GW2_LEASE_TTL_S)],
             cwd=ROOT, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        # The second gateway takes the engine-metrics lease before folio serve's gateway exists.
+        lease = redis_py.Redis.from_url(redis.url)
+        deadline = time.monotonic() + 60
+        while lease.get("folio:metrics:engine-exporter") != GW2_ID.encode():
+            assert gw2.poll() is None, Path(log2.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, Path(log2.name).read_text()[-3000:]
+            time.sleep(0.05)
+        lease.close()
         with run_server("--redis-url", redis.url, "--otlp-traces-endpoint", receiver.endpoint,
                         "--num-gpu-blocks-override", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE),
                         "--max-num-seqs", "4") as srv:
@@ -83,7 +97,7 @@ def stack():
                 assert gw2.poll() is None, Path(log2.name).read_text()[-3000:]
                 assert time.monotonic() < deadline, Path(log2.name).read_text()[-3000:]
                 time.sleep(0.2)
-            st = Stack(srv.url, url2, receiver)
+            st = Stack(srv.url, url2, receiver, gw2)
             try:
                 yield st
             finally:
@@ -134,13 +148,23 @@ def delta(after: Series, before: Series, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+def total(scrapes: list[Series]) -> Series:
+    """What a plain Prometheus `sum` over the gateways sees: the scrapes' values added."""
+    out: Series = {}
+    for s in scrapes:
+        for k, v in s.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def settle(urls: list[str], name: str, at_least: float, timeout_s: float = 10) -> list[Series]:
-    """Scrapes of every gateway once each reports `name` (an engine series) >= at_least: the
-    scheduler publishes its stats after the step whose tokens the clients already have."""
+    """Scrapes of every gateway once their sum of `name` (an engine series, which one gateway
+    exports) is >= at_least: the scheduler publishes its stats after the step whose tokens
+    the clients already have."""
     deadline = time.monotonic() + timeout_s
     while True:
         scrapes = [scrape(u) for u in urls]
-        if all(value(s, name) >= at_least for s in scrapes) or time.monotonic() > deadline:
+        if value(total(scrapes), name) >= at_least or time.monotonic() > deadline:
             return scrapes
         time.sleep(0.05)
 
@@ -228,11 +252,11 @@ ENGINE_PHASES = ("request_queue_time_seconds", "request_prefill_time_seconds",
 def test_counters_and_histograms_after_a_known_workload_two_gateways(stack):
     """Two 40-token prompts, the second a prefix hit (2 full blocks = 32 tokens), 2 tokens
     each; one through each gateway. Every series of the workload is exact; the gateways'
-    request series sum to the totals, and both report the same engine series."""
+    request series sum to the totals, and so do the engine series: one gateway exports them."""
     c1, c2 = stack.client(stack.url), stack.client(stack.url2)
     urls = [stack.url, stack.url2]
     before = [scrape(u) for u in urls]
-    engine_before = value(before[0], "folio:iteration_tokens_total_count")
+    engine_before = value(total(before), "folio:iteration_tokens_total_count")
     prompt = [1000 + i for i in range(40)]
     complete(c1, prompt, 2)
     complete(c2, prompt, 2)
@@ -258,12 +282,27 @@ def test_counters_and_histograms_after_a_known_workload_two_gateways(stack):
     assert gw_total("folio:request_prompt_tokens_bucket", le="50.0") == 2
     assert gw_total("folio:request_prompt_tokens_bucket", le="20.0") == 0
 
-    # Engine series: the same in both gateways, so `max by (engine)` then sum is the truth.
-    for name in ("folio:prefix_cache_queries_total", "folio:prefix_cache_hits_total",
-                 "folio:num_preemptions_total", "folio:iteration_tokens_total_count",
-                 "folio:iteration_tokens_total_sum", "folio:request_queue_time_seconds_count"):
-        assert per_engine(after[0], name) == per_engine(after[1], name), name
-    a, b = after[0], before[0]
+    # Engine series: exported by the lease holder (the second gateway) alone, so the plain
+    # sum over both gateways is the truth.
+    engine_names = ("folio:num_requests_running", "folio:num_requests_waiting", "folio:kv_cache_usage_perc",
+                    "folio:prefix_cache_queries_total", "folio:prefix_cache_hits_total",
+                    "folio:num_preemptions_total", "folio:iteration_tokens_total_count",
+                    "folio:request_queue_time_seconds_count", "folio:num_requests_unclaimed")
+    for name in engine_names:
+        assert not [k for k in after[0] if k[0] == name], name
+        assert [k for k in after[1] if k[0] == name], name
+    engines = set(per_engine(after[1], "folio:num_requests_running"))
+    assert len(engines) == 1
+    # Request series carry the engine that served them, on both gateways.
+    for a in after:
+        served = {dict(ls)["engine"] for (n, ls), v in a.items()
+                  if n == "folio:request_success_total" and v > 0}
+        assert served == engines, served
+        for (n, ls) in a:
+            if n.startswith(("folio:time_to_first_token", "folio:e2e_request", "folio:prompt_tokens",
+                             "folio:request_success")):
+                assert "engine" in dict(ls), (n, ls)
+    a, b = total(after), total(before)
     assert delta(a, b, "folio:prefix_cache_queries_total") == 80
     assert delta(a, b, "folio:prefix_cache_hits_total") == 32
     assert delta(a, b, "folio:num_preemptions_total") == 0
@@ -282,14 +321,15 @@ def test_one_forced_preemption(stack):
     """Two requests of 20 + 20 tokens need 3 blocks each; the cache has 4, so the one
     admitted last is preempted once, waits for the other to finish, and is recomputed."""
     client = stack.client(stack.url)
-    before = scrape(stack.url)
+    urls = [stack.url, stack.url2]
+    before = total([scrape(u) for u in urls])
     engine_before = value(before, "folio:request_queue_time_seconds_count")
     prompts = [[2000 + i for i in range(20)], [3000 + i for i in range(20)]]
     with ThreadPoolExecutor(2) as pool:
         responses = list(pool.map(lambda p: complete(client, p, 20), prompts))
     assert [r.usage.completion_tokens for r in responses] == [20, 20]
     assert [r.choices[0].finish_reason for r in responses] == ["length", "length"]
-    [after] = settle([stack.url], "folio:request_queue_time_seconds_count", engine_before + 2)
+    after = total(settle(urls, "folio:request_queue_time_seconds_count", engine_before + 2))
 
     assert delta(after, before, "folio:num_preemptions_total") == 1
     assert delta(after, before, "folio:prompt_tokens_total") == 40
@@ -346,7 +386,7 @@ def test_dashboard_queries_parse_and_name_exported_metrics(stack):
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 10
-    exported = {name for name, _ in scrape(stack.url)}
+    exported = {name for u in (stack.url, stack.url2) for name, _ in scrape(u)}
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("throughput", "ttft", "inter-token", "kv cache", "queue", "preemption", "prefix"):
         assert topic in titles, topic
@@ -357,6 +397,24 @@ def test_dashboard_queries_parse_and_name_exported_metrics(stack):
         assert names, (title, expr)
         for name in names:
             assert name in exported, (title, name)
+
+
+# ---------------------------------------------------------------------- kills the second gateway
+def test_engine_series_move_to_the_other_gateway_when_the_exporter_dies(stack):
+    """SIGKILL the lease holder (nothing released): folio serve's gateway exports the engine
+    series once the lease's 1 s TTL ran out, within its next renewal round (1 s)."""
+    assert [k for k in scrape(stack.url2) if k[0] == "folio:num_requests_running"]
+    assert not [k for k in scrape(stack.url) if k[0] == "folio:num_requests_running"]
+    os.killpg(stack.gw2.pid, signal.SIGKILL)
+    stack.gw2.wait()
+    t = time.monotonic()
+    while not [k for k in scrape(stack.url) if k[0] == "folio:num_requests_running"]:
+        assert time.monotonic() - t < GW2_LEASE_TTL_S + 1.5, "no takeover"
+        time.sleep(0.05)
+    took = time.monotonic() - t
+    assert took <= GW2_LEASE_TTL_S + 1.0 + 0.3, took
+    s = scrape(stack.url)
+    assert [v for (n, _), v in s.items() if n == "folio:num_requests_unclaimed"] == [0]
 
 
 # ---------------------------------------------------------------------- last: closes the receiver
