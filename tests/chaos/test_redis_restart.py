@@ -101,8 +101,9 @@ async def test_redis_killed_under_a_tensor_parallel_engine(tmp_path):
     """TP 2 (a tiny model: SmolLM2's 9 heads do not split in two). The ranks may have seen
     different last plans when Redis died (one read the next step, the other's read failed),
     so they leave the group (exit 3) and `folio serve` restarts them together; no client
-    hangs, a new request is served again and the engine is idle after. (Before, the ranks reconnected on
-    their own and sometimes ran mismatched collectives: gloo aborted rank 0.)"""
+    hangs, a new request is served again, then a full wave at once, and the engine is idle
+    after. (Before, the ranks reconnected on their own and sometimes ran mismatched
+    collectives: gloo aborted rank 0.)"""
     model = _tiny_model_with_tokenizer(tmp_path / "tiny")
     serve = ServeProcess(model, "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "64",
                          "--tensor-parallel-size", "2")
@@ -118,9 +119,12 @@ async def test_redis_killed_under_a_tensor_parallel_engine(tmp_path):
               "after the kill")
         assert counts["hang"] == 0, [o for o in outcomes if o.kind == "hang"]
         assert "restarting executors e0" in serve.output(), serve.output()
+        # A further wave at once is served in full. (It got 503 "No engine is available" in
+        # two runs of five: the gateway had cached "no engine alive" from a query made while
+        # the ranks were restarting, and served that answer for up to a second after the
+        # engine registered; "none alive" is no longer cached.)
+        again = await Load(serve.base, 8, max_tokens=8, deadline_s=120).run(8)
+        assert tally(again) == {"ok": 8}, [o for o in again if o.kind != "ok"]
         await wait_idle(redis_url_of(serve))
-        # NOTE: a further wave right after this got 503 "No engine is available" from the
-        # gateway in every run, while the engine was registered and alive in Redis (seen by
-        # wait_idle); not explained yet (docs/reliability.md, "Not covered").
     finally:
         serve.stop()

@@ -127,6 +127,25 @@ async def test_noengine_is_503_fast(gateway):
     assert await status_of(url, "/health") == 200
 
 
+async def test_an_engine_that_registers_is_served_at_once(gateway):
+    """"No engine alive" is not cached: the request right after an engine registers is
+    served, not 503 for the rest of the second (as the first wave after a Redis restart under
+    a TP 2 engine was: the gateway had asked while the ranks were still coming back)."""
+    _url, engine, client = gateway
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503
+    t0 = time.monotonic()
+    await engine.start()
+    call = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi", max_tokens=2))
+    [req] = await engine.requests(1)
+    assert time.monotonic() - t0 < 0.9  # within the engine list's cache second
+    await engine.send(TokenDelta(req_id=req.req_id, token_ids=[2], finish_reason=int(FinishReason.STOP)),
+                      channel=req.reply_to)
+    r = await asyncio.wait_for(call, 10)
+    assert r.choices[0].finish_reason == "stop"
+
+
 async def test_request_fields_and_default_max_tokens(gateway, tokenizer):
     _url, engine, client = gateway
     await engine.start(max_model_len=256)
