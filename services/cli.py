@@ -6,6 +6,7 @@
     folio engine             a scheduler + its executor ranks     │ (one engine per container/pod)
     folio executor           one tensor-parallel rank of an engine┘
     folio convert F.gguf DIR convert a GGUF file into a Hugging Face folder
+    folio probe engine       liveness probe of one engine (exit 0: alive and making progress)
 
 Heavy imports (torch, the gateway's web stack) happen inside the subcommand that needs
 them, so `folio --help` is instant and works even if one service module is broken.
@@ -27,6 +28,7 @@ from shared.cli_args import (
     add_telemetry_args,
     engine_config_from_args,
 )
+from shared.health import DEFAULT_STALL_TIMEOUT_S
 from shared.openmp import set_openmp_waits
 
 set_openmp_waits()  # before torch loads (shared/openmp.py says why)
@@ -122,6 +124,16 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_redis(args, parser)
+    if args.stall_timeout <= 0:
+        parser.error("--stall-timeout must be > 0 seconds")
+    from services.probe import probe_engine
+
+    return probe_engine(args.redis_url, args.redis_namespace, args.engine_id, args.stall_timeout,
+                        args.state_file)
+
+
 def _gateway(argv: list[str]) -> int:
     # Imported only here: the gateway pulls in the web stack, and `folio --help` must work without it.
     from services.gateway import server
@@ -191,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf", help="the .gguf file")
     p.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("probe", help="health probes for the services that serve no HTTP")
+    probes = p.add_subparsers(dest="probe", metavar="WHAT", required=True)
+    p = probes.add_parser(
+        "engine", help="exit 0 if the engine is alive and making progress, else 1 (reason on stderr)",
+        description="An engine's liveness probe: fails when its heartbeat is missing, or when its "
+        "last published stats show requests but are older than --stall-timeout (the gateways' "
+        "/health decision). Redis unreachable: passes with a warning.")
+    p.add_argument("--engine-id", default=os.environ.get("FOLIO_ENGINE_ID") or socket.gethostname(),
+                   help="the engine to check (default: env FOLIO_ENGINE_ID, else the host name, "
+                   "as `folio engine`)")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS",
+                   help="fail when the engine has requests but no step finished for this long "
+                   f"(default {DEFAULT_STALL_TIMEOUT_S:g}, as the gateways' --engine-stall-timeout)")
+    p.add_argument("--state-file", default=None, metavar="PATH",
+                   help="where the probe keeps the last stats it saw between runs (default: "
+                   "a file in the temp folder named after the engine)")
+    add_bus_args(p)
+    p.set_defaults(func=_probe)
     return parser
 
 

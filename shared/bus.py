@@ -266,13 +266,19 @@ class Bus:
     async def engine_stats(self) -> list[EngineStats]:
         out = []
         for info in await self.live_engines():
-            key = self.keys.stats(info.engine_id)
-            data = await self.redis.get(key)
-            if data is not None:
-                stats = await self._decode(key, None, data, EngineStats)
-                if not isinstance(stats, Malformed):
-                    out.append(stats)
+            stats = await self.engine_stats_of(info.engine_id)
+            if stats is not None:
+                out.append(stats)
         return out
+
+    async def engine_stats_of(self, engine_id: str) -> EngineStats | None:
+        """One engine's last published stats (None: none, expired, or malformed)."""
+        key = self.keys.stats(engine_id)
+        data = await self.redis.get(key)
+        if data is None:
+            return None
+        stats = await self._decode(key, None, data, EngineStats)
+        return None if isinstance(stats, Malformed) else stats
 
     # ------------------------------------------------------------ scheduler side
     async def ensure_group(self) -> None:

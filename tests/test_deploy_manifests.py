@@ -59,20 +59,53 @@ def _sh_argv(script: str, env: dict[str, str]) -> list[str]:
     return out.stdout.splitlines()
 
 
+def _check_engine_probes(c: dict, env: dict[str, str], args, config) -> bool:
+    """A container's exec probes, parsed by folio's parser: `folio probe engine` on the
+    container's own engine and Redis, a stall bound no shorter than the engine's own
+    --step-timeout (the scheduler fails a stuck step first), and a startup allowance for
+    model loading. True if the container has a liveness probe."""
+    for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if name not in c:
+            continue
+        cmd = c[name]["exec"]["command"]
+        assert cmd[:2] == ["sh", "-c"] and len(cmd) == 3, (c["name"], name)
+        argv = _sh_argv(cmd[2], env)
+        assert argv[:3] == ["folio", "probe", "engine"], argv
+        probe = build_parser().parse_args(argv[1:])
+        assert probe.engine_id == args.engine_id, (c["name"], name, probe.engine_id)
+        assert probe.redis_url == args.redis_url and probe.redis_namespace == args.redis_namespace
+        assert probe.stall_timeout >= config.resolved_step_timeout(), (c["name"], name)
+        assert c[name]["timeoutSeconds"] >= 3, (c["name"], name)  # a Python start plus Redis
+    if "livenessProbe" not in c:
+        return False
+    startup = c["startupProbe"]  # without it, liveness would kill the engine while it loads
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, c["name"]
+    live = c["livenessProbe"]
+    # a heartbeat gap of a Redis restart or a rank reload is not a dead engine
+    assert live["periodSeconds"] * live["failureThreshold"] >= 30, c["name"]
+    return True
+
+
 def _pod_engine(containers: list[dict], pod: dict[str, str], base: dict[str, str] | None = None,
-                engine_args: str | None = None, variant: str = "base") -> dict[str, list]:
+                engine_args: str | None = None, variant: str = "base",
+                probed: list[str] | None = None) -> dict[str, list]:
     """{"scheduler"/"executor": [(args, EngineConfig), ...]} of one pod's containers, with
-    the variant's ConfigMap, its FOLIO_ENGINE_ARGS replaced by `engine_args` if given."""
+    the variant's ConfigMap, its FOLIO_ENGINE_ARGS replaced by `engine_args` if given. Their
+    exec probes are checked too; `probed` gets the names of those with a liveness probe."""
     configmap = dict(_rendered(variant)["ConfigMap", "folio-config"]["data"])
     if engine_args is not None:
         configmap["FOLIO_ENGINE_ARGS"] = engine_args
     roles: dict[str, list] = {}
     for c in containers:
         assert c["command"] == ["sh", "-c"], c["name"]
-        argv = _sh_argv(c["args"][0], _container_env(c, pod, base or {}, configmap))
+        env = _container_env(c, pod, base or {}, configmap)
+        argv = _sh_argv(c["args"][0], env)
         assert argv[0] == "folio", argv
         args = build_parser().parse_args(argv[1:])
-        roles.setdefault(args.command, []).append((args, engine_config_from_args(args)))
+        config = engine_config_from_args(args)
+        roles.setdefault(args.command, []).append((args, config))
+        if _check_engine_probes(c, env, args, config) and probed is not None:
+            probed.append(c["name"])
     return roles
 
 
@@ -112,7 +145,17 @@ def test_compose_engine_service_scales():
     assert env["FOLIO_REDIS_URL"] == "redis://redis:6379/0"
     argv = _compose_argv(engine, {})
     assert argv[0] == "engine" and "--engine-id" not in argv, argv
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    # healthy: `folio probe engine` on the container's own engine (both default to the host
+    # name), with the engine's step timeout as stall bound and time to load the model
+    for svc in (engine, services["engine-gpu"]):
+        hc = svc["healthcheck"]
+        assert hc["test"][0] == "CMD" and hc["test"][1:4] == ["folio", "probe", "engine"], hc
+        assert "--engine-id" not in hc["test"] and "--redis-url" not in hc["test"]
+        probe = build_parser().parse_args(hc["test"][2:])
+        assert probe.stall_timeout >= engine_config_from_args(args).resolved_step_timeout()
+        assert int(hc["start_period"].removesuffix("s")) >= 600
+        assert int(hc["interval"].removesuffix("s")) * hc["retries"] >= 30
 
 
 def test_compose_tensor_parallel_knob_reaches_the_engine():
@@ -134,9 +177,12 @@ def test_k8s_engine_pod_is_one_engine(engine_args, variant):
     containers = _engine_pod_spec(variant)["containers"]
     for pod in ({"metadata.name": "folio-engine-6d4cf-x7k2q", "status.podIP": "10.0.0.7"},
                 {"metadata.name": "folio-engine-6d4cf-b9zr4", "status.podIP": "10.0.1.3"}):
-        roles = _pod_engine(containers, pod, engine_args=engine_args, variant=variant)
+        probed: list[str] = []
+        roles = _pod_engine(containers, pod, engine_args=engine_args, variant=variant, probed=probed)
         # each pod is its own engine, named after the pod
         assert _assert_one_engine(roles, pod["metadata.name"]) == 2
+        # every container restarts on a hung engine (a rank stuck in a collective never exits)
+        assert probed == [c["name"] for c in containers]
         if variant == "overlays/gpu" and engine_args is None:
             assert {c.device for _, c in roles["scheduler"] + roles["executor"]} == {"cuda"}
 
@@ -194,9 +240,13 @@ def test_k8s_leaderworkerset_group_is_one_engine(size):
         pods = [(leader_spec, 0)] + [(worker_spec, i) for i in range(1, size)]
         for spec, index in pods:
             base = {"LWS_LEADER_ADDRESS": leader, "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(index)}
-            pod_roles = _pod_engine(spec["containers"], {"status.podIP": f"10.0.{index}.9"}, base)
+            probed: list[str] = []
+            pod_roles = _pod_engine(spec["containers"], {"status.podIP": f"10.0.{index}.9"}, base,
+                                    probed=probed)
             if index == 0:
                 assert sorted(pod_roles) == ["executor", "scheduler"]  # the leader: scheduler + rank 0
+                # its restart recreates the group: one probe covers every rank
+                assert probed == ["scheduler"]
                 assert [a.tp_rank for a, _ in pod_roles["executor"]] == [0]
             else:
                 assert sorted(pod_roles) == ["executor"] and pod_roles["executor"][0][0].tp_rank == index

@@ -53,7 +53,8 @@ from services.gateway.state import GatewaySettings, GatewayState
 from services.gateway.tokenizer import load_gateway_tokenizer
 from services.gateway.tracing import GatewayTracer
 from shared.bus import Bus
-from shared.protocol import EngineInfo, EngineStats
+from shared.health import stalled_engines
+from shared.protocol import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -149,24 +150,6 @@ class BodyLimitMiddleware:
             return msg
 
         await self.app(scope, limited, send)
-
-
-def stalled_engines(live: list[EngineInfo], stats: dict[str, EngineStats], now: float,
-                    bound_s: float, serving: set[str] = frozenset()) -> list[str]:
-    """Live engines with work whose last published stats are older than bound_s. A scheduler
-    publishes after every step (at most every 0.5 s) and every 0.5 s while idle, so old stats
-    from an engine with work mean no step has finished for that long; a heartbeat alone (its
-    own task) would not show that. "With work": its stats say so (running or waiting
-    requests), or it is streaming to this gateway (`serving`: its last stats may predate the
-    request, being published at most every 0.5 s). Timestamps are wall-clock time of the
-    scheduler's host: the bound (tens of seconds) dwarfs any sane clock skew."""
-    out = []
-    for e in live:
-        s = stats.get(e.engine_id)
-        busy = s is not None and (s.num_running + s.num_waiting > 0 or e.engine_id in serving)
-        if busy and now - s.timestamp > bound_s:
-            out.append(e.engine_id)
-    return out
 
 
 def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:

@@ -18,6 +18,7 @@ import uvicorn
 from services.gateway.state import GatewaySettings
 from services.gateway.tool_parsers import PARSERS, auto_tool_parser
 from shared.cli_args import add_bus_args, add_engine_args, add_telemetry_args, model_from_args
+from shared.health import DEFAULT_STALL_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add(
         "--engine-stall-timeout",
         type=float,
-        default=60.0,
+        default=DEFAULT_STALL_TIMEOUT_S,
         metavar="SECONDS",
         help="/health fails when an engine with requests has not finished a step for this long",
     )
@@ -139,7 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         request_timeout_s=getattr(args, "request_timeout", None),
         shutdown_timeout_s=_or(getattr(args, "shutdown_timeout", None), 30.0),
         max_request_body_bytes=_or(getattr(args, "max_request_body_size", None), 16 * 1024 * 1024),
-        engine_stall_timeout_s=_or(getattr(args, "engine_stall_timeout", None), 60.0),
+        engine_stall_timeout_s=_or(getattr(args, "engine_stall_timeout", None), DEFAULT_STALL_TIMEOUT_S),
         engine_metrics_lease_ttl_s=_or(getattr(args, "engine_metrics_lease_ttl", None), 10.0),
     )
 

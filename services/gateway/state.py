@@ -11,6 +11,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.tokenizer import TokenStrings, load_sampling_defaults
 from services.gateway.tracing import GatewayTracer
 from shared.detokenizer import make_decode_fn
+from shared.health import DEFAULT_STALL_TIMEOUT_S
 
 
 @dataclass
@@ -42,7 +43,7 @@ class GatewaySettings:
     shutdown_timeout_s: float = 30.0
     max_request_body_bytes: int = 16 * 1024 * 1024
     # /health fails when an engine with work has not finished a step for this long (s).
-    engine_stall_timeout_s: float = 60.0
+    engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
 
 @dataclass

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.gateway.admission import Admission, RateLimitError
-from services.gateway.app import stalled_engines
+from shared.health import stalled_engines
 from services.gateway.errors import BadRequestError, ServiceUnavailableError
 from shared.protocol import EngineInfo, EngineStats
 
