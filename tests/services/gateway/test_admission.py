@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from services.gateway.admission import Admission, RateLimitError
-from shared.health import stalled_engines
 from services.gateway.errors import BadRequestError, ServiceUnavailableError
+from shared.health import stalled_engines
 from shared.protocol import EngineInfo, EngineStats
 
 
