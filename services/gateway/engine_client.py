@@ -118,6 +118,10 @@ class EngineClient:
         self._pending_aborts: list[str] = []
         self._abort_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Set by stop(): the background loops end on it even where Python 3.11's wait_for
+        # lost a cancellation (its inner call failed as the cancel came, and the loop's
+        # `except Exception` took the failure; the task then ran on and stop() hung).
+        self._stopping = False
         self._engines: list[EngineInfo] = []
         self._engines_at = -1e9
         self._refresh: asyncio.Future | None = None
@@ -152,6 +156,7 @@ class EngineClient:
         if self._routes:
             self.abort(list(self._routes))
             await self._flush_aborts()
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -293,7 +298,7 @@ class EngineClient:
 
     # ------------------------------------------------------------------ background tasks
     async def _subscriber(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 async for batch in self.bus.token_batches(self.gateway_id, self._subscribed.set):
                     self._route(batch)
@@ -340,7 +345,7 @@ class EngineClient:
             route.stream.queue.put_nowait(delta)
 
     async def _aborter(self) -> None:
-        while True:
+        while not self._stopping:
             await self._abort_event.wait()
             if not await self._flush_aborts():
                 # Redis is away: an engine that kept the requests would compute them to the
@@ -366,7 +371,7 @@ class EngineClient:
     async def _watchdog(self) -> None:
         # Often enough to renew the lease twice more before it expires.
         interval = min(self._watchdog_interval_s, self._lease_ttl_s / 3)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             await self._hold_lease()
             if self._routes:
