@@ -108,7 +108,7 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
 
         processed = self.process_logits(logits, states)
-        sampled = self._sample(processed, states)
+        sampled = self.sample(processed, states)
         token_ids = sampled.tolist()
         if want_logprobs:
             logprobs = self.logprobs(processed, sampled, token_ids, params)
@@ -172,8 +172,8 @@ class Sampler:
         return out
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-        """(num_rows,) int64 token ids."""
+    def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """(num_rows,) int64 token ids of processed logits (process_logits)."""
         params = [s.params for s in states]
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rand_rows:

@@ -9,7 +9,16 @@ top-p and min-p, as vLLM applies them.
 
     greedy:   accept drafts while draft_j == argmax(row j); emit argmax at the first
               mismatch (or the bonus row): token-for-token what plain decoding gives
+    seeded:   the same with the sampler's own seeded draw of each row (row j draws with
+              token_seed(seed, k + j), as plain decoding draws token k + j): token-for-token
+              what plain decoding gives with that seed, whatever the number of drafts
     random:   rejection_sampler.rejection_sample over the rows' full distributions
+
+The seeded rule is rejection sampling too: drafts are deterministic (one-hot q), and a
+draft d accepted iff an exact sample x ~ p equals it is accepted with probability p(d);
+when rejected, x ~ p given x != d, which is the residual (p - q)+ normalised. It matters
+because the number of drafts is not a function of the text (backoff.py weighs measured
+step times): with per-step draws, a seeded request's tokens changed from run to run.
 
 Logprobs (where asked) are those of each emitted token in its own row.
 """
@@ -21,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from services.executor.sampler import Sampler, SamplingState, token_seed
+from services.executor.sampler import Sampler, SamplingState
 from services.executor.sampling.topk_topp import NEG_INF, apply_min_p, truncate
 from services.executor.spec_decode.rejection_sampler import rejection_sample
 from shared.protocol import Logprobs
@@ -52,19 +61,36 @@ def verify(
         starts.append(starts[-1] + len(d) + 1)
 
     greedy = [i for i, s in enumerate(states) if s.params.greedy]
-    random_ = [i for i, s in enumerate(states) if not s.params.greedy]
+    seeded = [i for i, s in enumerate(states) if not s.params.greedy and _seeded(s)]
+    random_ = [i for i, s in enumerate(states) if not s.params.greedy and not _seeded(s)]
     emitted: list[list[int]] = [[] for _ in states]
     accepted = [0] * len(states)
+
+    def take_while_equal(i: int, target: list[int]) -> None:
+        n = 0
+        while n < len(drafts[i]) and drafts[i][n] == target[n]:
+            n += 1
+        emitted[i], accepted[i] = target[: n + 1], n
+
     if greedy:
         argmax = processed.argmax(dim=-1).tolist()
         for i in greedy:
-            target = argmax[starts[i] : starts[i + 1]]
-            n = 0
-            while n < len(drafts[i]) and drafts[i][n] == target[n]:
-                n += 1
-            emitted[i], accepted[i] = target[: n + 1], n
+            take_while_equal(i, argmax[starts[i] : starts[i + 1]])
+    if seeded:
+        rows = [r for i in seeded for r in range(starts[i], starts[i + 1])]
+        # Each row its own generator: the sampler re-seeds every row's before drawing any.
+        sampled = sampler.sample(
+            processed.index_select(0, torch.tensor(rows, dtype=torch.long, device=processed.device)),
+            [replace(row_states[r], generator=torch.Generator(row_states[r].generator.device))
+             for r in rows],
+        ).tolist()
+        k = 0
+        for i in seeded:
+            n = starts[i + 1] - starts[i]
+            take_while_equal(i, sampled[k : k + n])
+            k += n
     if random_:
-        _sample_random(sampler, processed, row_states, states, drafts, starts, random_, emitted, accepted)
+        _sample_random(sampler, processed, row_states, drafts, starts, random_, emitted, accepted)
 
     logprobs: list[list[Logprobs]] = [[] for _ in states]
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
@@ -113,29 +139,24 @@ def target_probs(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch
     return torch.softmax(x, dim=-1)
 
 
-def _sample_random(sampler, processed, row_states, states, drafts, starts, which, emitted, accepted) -> None:
-    """Rejection sampling for the random requests: the unseeded ones in one batch from the
-    engine's generator, each seeded one alone from its generator, re-seeded from
-    (seed, index of its first new token) so its tokens do not depend on the batch."""
+def _seeded(s: SamplingState) -> bool:
+    return s.generator is not None and s.params.seed is not None
+
+
+def _sample_random(sampler, processed, row_states, drafts, starts, reqs, emitted, accepted) -> None:
+    """Rejection sampling for the unseeded random requests, in one batch from the engine's
+    generator."""
     dev = processed.device
-    unseeded = [i for i in which if states[i].generator is None or states[i].params.seed is None]
-    seeded = [i for i in which if i not in set(unseeded)]
-    groups = [(unseeded, sampler.generator)] if unseeded else []
-    for i in seeded:
-        g = states[i].generator
-        g.manual_seed(token_seed(states[i].params.seed, len(states[i].output_token_ids)))
-        groups.append(([i], g))
-    for reqs, gen in groups:
-        K = max(len(drafts[i]) for i in reqs)
-        rows = [starts[i] + min(j, len(drafts[i])) for i in reqs for j in range(K + 1)]
-        probs = target_probs(
-            processed.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev)),
-            [row_states[r] for r in rows],
-        ).view(len(reqs), K + 1, -1)
-        draft_ids = torch.tensor(
-            [drafts[i] + [0] * (K - len(drafts[i])) for i in reqs], dtype=torch.long, device=dev
-        ).view(len(reqs), K)
-        num = torch.tensor([len(drafts[i]) for i in reqs], dtype=torch.long, device=dev)
-        tokens, counts = rejection_sample(probs, draft_ids, num, None, gen)
-        for b, (toks, c) in enumerate(zip(tokens.tolist(), counts.tolist(), strict=True)):
-            emitted[reqs[b]], accepted[reqs[b]] = toks[:c], c - 1
+    K = max(len(drafts[i]) for i in reqs)
+    rows = [starts[i] + min(j, len(drafts[i])) for i in reqs for j in range(K + 1)]
+    probs = target_probs(
+        processed.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev)),
+        [row_states[r] for r in rows],
+    ).view(len(reqs), K + 1, -1)
+    draft_ids = torch.tensor(
+        [drafts[i] + [0] * (K - len(drafts[i])) for i in reqs], dtype=torch.long, device=dev
+    ).view(len(reqs), K)
+    num = torch.tensor([len(drafts[i]) for i in reqs], dtype=torch.long, device=dev)
+    tokens, counts = rejection_sample(probs, draft_ids, num, None, sampler.generator)
+    for b, (toks, c) in enumerate(zip(tokens.tolist(), counts.tolist(), strict=True)):
+        emitted[reqs[b]], accepted[reqs[b]] = toks[:c], c - 1

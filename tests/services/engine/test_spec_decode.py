@@ -101,14 +101,16 @@ def test_ngram_stops_inside_an_accepted_run_and_logprobs_follow_the_tokens(smoll
     assert llm.engine.stats().kv_cache_usage == 0.0
 
 
-def test_sampling_with_drafts_is_seeded_and_valid(smollm2_dir):
+def test_seeded_sampling_with_drafts_gives_the_tokens_of_plain_decoding(smollm2_dir):
+    """The number of drafts follows measured step times (backoff.py), so it changes from run
+    to run: a seeded request must not depend on it (it did: runs differed at token 9)."""
     llm = LLM(str(smollm2_dir), dtype="float32", speculative_config=NGRAM)
     prompt = chat(llm, COPY_TASKS[0])
     params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=32, seed=3, ignore_eos=True)
-    a = llm.generate([prompt], params)[0].token_ids
-    b = llm.generate([prompt], params)[0].token_ids
-    assert a == b and len(a) == 32
+    runs = [llm.generate([prompt], params)[0].token_ids for _ in range(2)]
     assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    plain = LLM(str(smollm2_dir), dtype="float32").generate([prompt], params)[0].token_ids
+    assert runs == [plain] * 2 and len(plain) == 32
 
 
 def test_ngram_at_tensor_parallel_2_equals_tp1(tmp_path):
