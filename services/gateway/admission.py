@@ -104,14 +104,18 @@ class Admission:
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self.rejected = 0  # 429s so far (for logs and tests)
+        # Requests refused before reaching an engine, by reason, and deadlines that passed:
+        # counted here, rendered by metrics.AdmissionCollector at scrape time.
+        self.refused = {"queue_full": 0, "shutting_down": 0}
+        self.deadlines_exceeded = 0
 
     def enter(self) -> Ticket:
         """A new generation request, before its body is read; raises 503 or 429."""
         if self.draining:
+            self.refused["shutting_down"] += 1
             raise ServiceUnavailableError("The server is shutting down; retry on another replica.")
         if self.max_reqs is not None and self.queued_reqs >= self.max_reqs:
-            self.rejected += 1
+            self.refused["queue_full"] += 1
             raise RateLimitError(
                 f"The server is overloaded: {self.queued_reqs} requests are waiting for their first "
                 f"token (--max-num-queued-reqs {self.max_reqs}). Retry after {RETRY_AFTER_S}s."
@@ -135,7 +139,7 @@ class Admission:
         over_tokens = (self.max_tokens is not None and others_tokens > 0
                        and others_tokens + tokens > self.max_tokens)
         if over_reqs or over_tokens:
-            self.rejected += 1
+            self.refused["queue_full"] += 1
             what = (f"{others_reqs} requests" if over_reqs else f"{others_tokens} prompt tokens")
             flag = "--max-num-queued-reqs" if over_reqs else "--max-num-queued-tokens"
             raise RateLimitError(f"The server is overloaded: {what} are waiting for their first "

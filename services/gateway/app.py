@@ -167,6 +167,7 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
         settings, tokenizer, client, GatewayMetrics(model_name), GatewayTracer(settings.otlp_traces_endpoint)
     )
     gate = Admission(settings.max_num_queued_reqs, settings.max_num_queued_tokens, settings.request_timeout_s)
+    state.metrics.watch(gate)
     # The last stats seen of each engine: a stalled scheduler's stats key expires (10 s TTL),
     # and a missing key must not make its engine look idle.
     last_stats: dict[str, EngineStats] = {}

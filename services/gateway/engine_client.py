@@ -241,12 +241,16 @@ class EngineClient:
         if ticket is not None and ticket.deadline is not None:
             # One timer per HTTP request (nothing on the per-token path); the ticket cancels it.
             timeout = ticket.timeout_s
+
+            def expired() -> None:
+                if stream.error is None:  # not ended already (the drain)
+                    ticket.admission.deadlines_exceeded += 1
+                self.interrupt(stream, DeadlineExceededError(
+                    f"The request did not finish within its deadline of {timeout:g}s "
+                    "(--request-timeout, or the body's request_timeout); it was aborted."))
+
             ticket.timer = asyncio.get_running_loop().call_at(
-                asyncio.get_running_loop().time() + max(0.0, ticket.deadline - time.monotonic()),
-                self.interrupt, stream,
-                DeadlineExceededError(f"The request did not finish within its deadline of {timeout:g}s "
-                                      "(--request-timeout, or the body's request_timeout); it was "
-                                      "aborted."))
+                asyncio.get_running_loop().time() + max(0.0, ticket.deadline - time.monotonic()), expired)
         try:
             async with self._submit_slots:
                 for r in reqs:

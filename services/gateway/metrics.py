@@ -17,6 +17,12 @@ exactly one process, so a plain `sum` over gateways is the true value.
   no engine has claimed; engines claim only what they can run, so under overload the
   queue is there, not in num_requests_waiting).
 
+- Admission series, label `model_name` (folio's own; vLLM has none): this gateway's
+  requests refused before reaching an engine, `request_rejected` by `reason` (queue_full:
+  the 429s past --max-num-queued-reqs/--max-num-queued-tokens; shutting_down: the 503s
+  while draining), and `request_deadline_exceeded`, read at scrape time from the
+  gateway's Admission (admission.py), which owns the counts.
+
 NOTE: with n > 1, `prompt_tokens` counts the prompt once per choice, as vLLM does (each
 of the n choices is its own request in vLLM's output processor, which adds that
 request's prompt_len to the counter), while the response's `usage` counts it once.
@@ -39,6 +45,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from services.gateway.admission import Admission
 from shared.metric_buckets import (
     ENGINE_HISTOGRAMS,
     REQUEST_LATENCY_BUCKETS,
@@ -142,6 +149,31 @@ class EngineStatsCollector(Collector):
             yield h
 
 
+class AdmissionCollector(Collector):
+    """This gateway's refusals and expired deadlines, as its Admission counted them."""
+
+    def __init__(self, model_name: str, admission: Admission) -> None:
+        self.model_name = model_name
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        rejected = CounterMetricFamily(
+            "folio:request_rejected",
+            "Requests refused before reaching an engine: queue_full (429), shutting_down (503).",
+            labels=["model_name", "reason"],
+        )
+        for reason, n in sorted(self.admission.refused.items()):
+            rejected.add_metric([self.model_name, reason], n)
+        yield rejected
+        expired = CounterMetricFamily(
+            "folio:request_deadline_exceeded",
+            "Requests aborted at their deadline (--request-timeout or the body's request_timeout).",
+            labels=["model_name"],
+        )
+        expired.add_metric([self.model_name], self.admission.deadlines_exceeded)
+        yield expired
+
+
 class _PerEngine:
     """The request series of one (model_name, engine), bound once."""
 
@@ -192,6 +224,10 @@ class GatewayMetrics:
         self._engines: dict[str, _PerEngine] = {}
         # Every request series exists from the start (at 0), before any engine answered.
         self.of(NO_ENGINE)
+
+    def watch(self, admission: Admission) -> None:
+        """Export this gateway's admission counts."""
+        self.registry.register(AdmissionCollector(self.model_name, admission))
 
     def of(self, engine: str | None) -> _PerEngine:
         """The request series of the engine that served the request (NO_ENGINE: none did)."""

@@ -141,6 +141,9 @@ class SchedulerService:
                 break
             self._build(infos)
             assert self.info is not None
+            # Stats first: whoever sees the engine alive (a gateway's /health, /metrics) then
+            # also finds its stats, rather than no engine series until the first idle round.
+            await self._publish_stats(force=True)
             await self.bus.register_engine(self.info, ENGINE_TTL_S)
             beat = asyncio.create_task(self._heartbeat())
             try:

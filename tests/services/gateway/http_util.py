@@ -33,7 +33,8 @@ def get(url: str, path: str) -> tuple[int, bytes]:
 def metrics(url: str) -> dict[str, float]:
     """/metrics as {name: value}, labels dropped and the series of a name summed (one model;
     request series are per `engine`, including `none` for requests no engine answered) and
-    request_success_total kept per finished_reason as `request_success_total:REASON`."""
+    request_success_total kept per finished_reason as `request_success_total:REASON`, and
+    request_rejected_total per reason as `request_rejected_total:REASON`."""
     status, body = get(url, "/metrics")
     assert status == 200
     out: dict[str, float] = {}
@@ -44,6 +45,9 @@ def metrics(url: str) -> dict[str, float]:
         name = name_labels.split("{", 1)[0]
         if name == "folio:request_success_total":
             reason = name_labels.split('finished_reason="', 1)[1].split('"', 1)[0]
+            name = f"{name}:{reason}"
+        elif name == "folio:request_rejected_total":
+            reason = name_labels.split('reason="', 1)[1].split('"', 1)[0]
             name = f"{name}:{reason}"
         if "_bucket" in name:
             continue

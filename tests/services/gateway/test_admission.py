@@ -26,7 +26,7 @@ def test_request_bound_reserves_at_once_and_releases_on_first_token():
             t.close()
             t.close()  # idempotent
         assert (a.queued_reqs, a.queued_tokens, a.in_flight) == (0, 0, 0) and a.idle.is_set()
-        assert a.rejected == 1
+        assert a.refused == {"queue_full": 1, "shutting_down": 0}
 
     asyncio.run(go())
 

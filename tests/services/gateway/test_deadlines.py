@@ -33,6 +33,8 @@ def test_non_streaming_deadline_is_504_and_frees_kv(client, server):
     assert err["type"] == "TimeoutError" and err["code"] == 504 and "deadline of 1s" in err["message"]
     assert 1.0 <= took < 9.0, took  # 900 tokens would take over a minute; slack for a loaded box
     wait_metrics(server.url, _idle(baseline["folio:kv_cache_usage_perc"]), 30, "KV freed after the deadline")
+    expired = "folio:request_deadline_exceeded_total"
+    assert metrics(server.url)[expired] == baseline[expired] + 1
 
 
 def test_streaming_deadline_ends_with_an_error_event_and_frees_kv(server):
@@ -52,6 +54,8 @@ def test_streaming_deadline_ends_with_an_error_event_and_frees_kv(server):
     assert any("choices" in json.loads(e) for e in events[:-2])  # tokens came before the deadline
     assert 1.5 <= took < 9.5, took
     wait_metrics(server.url, _idle(baseline["folio:kv_cache_usage_perc"]), 30, "KV freed after the deadline")
+    expired = "folio:request_deadline_exceeded_total"
+    assert metrics(server.url)[expired] == baseline[expired] + 1
 
 
 def test_a_request_within_its_deadline_is_untouched(client, server):

@@ -127,6 +127,7 @@ def test_sigterm_drains(drain_server):
     new = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
     status, body = raw_post(srv.url, "/v1/completions", new, {"Authorization": f"Bearer {srv.api_key}"})
     assert status == 503 and body["error"]["type"] == "ServiceUnavailableError", body
+    assert metrics(srv.url)["folio:request_rejected_total:shutting_down"] == 1  # /metrics still served
 
     worker.join(30)
     assert "error" not in short, short

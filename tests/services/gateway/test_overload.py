@@ -86,6 +86,7 @@ async def _one(client: openai.AsyncOpenAI, model: str, i: int):
 
 def test_burst_past_the_queue_gets_fast_429s_and_admitted_requests_complete(overload_server):
     srv = overload_server
+    before = metrics(srv.url)
     bodies = [json.dumps({"model": srv.model, "prompt": f"Count: {i}", "max_tokens": 2,
                           "temperature": 0}).encode() for i in range(BURST)]
     t0 = time.perf_counter()
@@ -110,6 +111,8 @@ def test_burst_past_the_queue_gets_fast_429s_and_admitted_requests_complete(over
           f"(p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms); "
           f"all done in {took:.1f}s")
     assert p99 < P99_429_S, f"429 p99 {p99 * 1000:.1f} ms"
+    rejected = "folio:request_rejected_total:queue_full"
+    assert metrics(srv.url)[rejected] - before[rejected] == len(lat)  # each 429 counted once
     wait_metrics(srv.url, lambda m: m["folio:num_requests_running"] == 0
                  and m["folio:num_requests_waiting"] == 0, what="an idle engine")
 
