@@ -213,10 +213,10 @@ def _urls(host: str, port: int) -> tuple[str, str]:
 def _resolve_once(config: EngineConfig) -> EngineConfig | None:
     """Resolve (and convert) the model once here, so the progress bar shows once and the
     children reuse the folder; None (after saying why) if it cannot be resolved."""
-    from services.executor.loader import ModelSourceError, resolve_model
+    from services.executor.loader import ModelSourceError, locate_model
 
     try:
-        resolved = resolve_model(config.model, config.load_format, config.download_dir)
+        resolved = locate_model(config.model, config.load_format, config.download_dir)
     except ModelSourceError as e:
         _say(f"error: {e}")
         return None

@@ -19,17 +19,17 @@ def load_gateway_tokenizer(
     The gateway needs no weights, so the model is resolved with load_format "dummy" (a
     GGUF source is still converted, and that conversion is cached for the executors).
     """
-    from services.executor.loader import load_tokenizer, resolve_model
+    from services.executor.loader import load_tokenizer, locate_model
 
     if tokenizer:
         return load_tokenizer(tokenizer)
     fmt = "gguf" if load_format == "gguf" else "dummy"
-    return load_tokenizer(resolve_model(model, load_format=fmt, download_dir=download_dir).path)
+    return load_tokenizer(locate_model(model, load_format=fmt, download_dir=download_dir).path)
 
 
 def load_sampling_defaults(settings) -> dict:
     """The model's generation_config.json sampling defaults (per `settings.generation_config`)."""
-    from services.executor.loader import resolve_model
+    from services.executor.loader import locate_model
     from shared.generation_defaults import sampling_defaults
 
     if settings.generation_config == "vllm":
@@ -37,7 +37,7 @@ def load_sampling_defaults(settings) -> dict:
     folder = None
     if settings.generation_config == "auto":
         fmt = "gguf" if settings.load_format == "gguf" else "dummy"
-        folder = resolve_model(settings.model, load_format=fmt, download_dir=settings.download_dir).path
+        folder = locate_model(settings.model, load_format=fmt, download_dir=settings.download_dir).path
     return sampling_defaults(folder, settings.generation_config)
 
 

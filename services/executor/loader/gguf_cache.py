@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ModelSourceError
-from .gguf_convert import CONVERTER_VERSION, MARKER_FILE, convert_gguf
 
 try:
     import fcntl
@@ -28,6 +27,9 @@ except ImportError:  # Windows: no cross-process lock; the atomic rename still k
     fcntl = None  # type: ignore[assignment]
 
 _SAMPLE_BYTES = 1 << 20
+# Bump when the output of the conversion (gguf_convert.py) changes, so cached folders are rebuilt.
+CONVERTER_VERSION = 1
+MARKER_FILE = "folio_gguf.json"  # written last: a folder without it is not a finished conversion
 
 
 def gguf_cache_key(gguf_path: Path) -> str:
@@ -75,6 +77,10 @@ def cached_gguf_folder(gguf_path: Path, cache_root: Path, progress: bool = True)
             shutil.rmtree(out)
         for stale in out.parent.glob(f".tmp-{out.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        # Imported here: finding a finished conversion must not import torch and transformers
+        # (`folio serve` resolves the model before it starts anything).
+        from .gguf_convert import convert_gguf
+
         convert_gguf(gguf_path, out, progress=progress)
     return out
 

@@ -28,11 +28,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import ModelSourceError
+from .gguf_cache import CONVERTER_VERSION, MARKER_FILE
 from .gguf_config import GGUFModelShape, build_config, build_generation_config, model_shape
 
-# Bump when the output of the conversion changes, so cached folders are rebuilt.
-CONVERTER_VERSION = 1
-MARKER_FILE = "folio_gguf.json"  # written last: a folder without it is not a finished conversion
 MAX_SHARD_BYTES = 2 << 30
 
 _GLOBAL_NAMES = {

@@ -7,11 +7,11 @@ traceback from deep inside safetensors or transformers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from services.executor.models.registry import SUPPORTED_ARCHITECTURES
@@ -19,31 +19,52 @@ from services.executor.models.registry import SUPPORTED_ARCHITECTURES
 from .errors import ModelSourceError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+# NOTE: nothing here imports torch or transformers at module level: `folio serve` checks the
+# model (read_config_json, check_architecture, check_weights) before starting its children,
+# and those imports would delay every start by seconds.
 
 # Files a folder may hold instead of safetensors; named in the error so the user knows why.
 _UNSUPPORTED_WEIGHT_GLOBS = ("*.bin", "*.pt", "*.pth", "*.gguf")
 
 
-def load_config(path: Path) -> PretrainedConfig:
-    """The folder's config.json as a transformers config; raises if absent or unreadable."""
-    from transformers import AutoConfig
-
+def _require_config(path: Path) -> None:
     if not (path / "config.json").is_file():
         hint = ""
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
             hint = f" (it holds {ggufs[0].name}: pass the .gguf file itself to convert it)"
         raise ModelSourceError(f"model folder {path} has no config.json{hint}")
+
+
+def read_config_json(path: Path) -> dict:
+    """The folder's config.json as plain JSON (no transformers); raises if absent or unreadable."""
+    _require_config(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"cannot read {path / 'config.json'}: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"cannot read {path / 'config.json'}: not a JSON object")
+    return config
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    """The folder's config.json as a transformers config; raises if absent or unreadable."""
+    from transformers import AutoConfig
+
+    _require_config(path)
     try:
         return AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers raises ValueError/OSError/JSONDecodeError/KeyError
         raise ModelSourceError(f"cannot read {path / 'config.json'}: {e}") from e
 
 
-def check_architecture(config: PretrainedConfig, path: Path) -> str:
-    """The config's architecture name, if folio has model code for it."""
-    names = list(getattr(config, "architectures", None) or [])
+def check_architecture(config: dict, path: Path) -> str:
+    """The architecture name of a config.json (read_config_json), if folio has model code for it."""
+    names = list(config.get("architectures") or [])
     if not names:
         raise ModelSourceError(
             f"{path / 'config.json'} names no architecture (no 'architectures' list); "
@@ -79,7 +100,7 @@ def check_weights(path: Path) -> list[Path]:
         )
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="numpy") as f:  # the header only: no torch needed
                 f.keys()
         except Exception as e:  # SafetensorError derives from Exception only
             raise ModelSourceError(f"corrupt safetensors file {file}: {e}") from e

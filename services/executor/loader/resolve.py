@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING
 from .bundled import BUNDLED_MODELS, bundled_gguf_path
 from .cache_dir import default_cache_dir
 from .errors import ModelSourceError
-from .gguf_cache import cached_folder_path, cached_gguf_folder
-from .gguf_convert import MARKER_FILE
-from .hf_folder import check_architecture, check_weights, load_config
+from .gguf_cache import MARKER_FILE, cached_folder_path, cached_gguf_folder
+from .hf_folder import check_architecture, check_weights, load_config, read_config_json
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -31,6 +30,14 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Enough to build a tokenizer and a config; weights are added unless load_format is dummy.
 _HUB_CONFIG_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+
+@dataclass(frozen=True)
+class LocatedModel:
+    path: Path  # as ResolvedModel's
+    architecture: str
+    load_format: str
+    gguf_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -50,16 +57,24 @@ def resolve_model(model: str, load_format: str = "auto", download_dir: str | Non
     weights). download_dir: where hub downloads and GGUF conversions go (default: the hub's
     cache and default_cache_dir()).
     """
+    found = locate_model(model, load_format, download_dir)
+    return ResolvedModel(found.path, load_config(found.path), found.architecture, found.load_format,
+                         found.gguf_path)
+
+
+def locate_model(model: str, load_format: str = "auto", download_dir: str | None = None) -> LocatedModel:
+    """resolve_model's work and checks but the transformers config: without torch or
+    transformers (unless a GGUF must be converted), for `folio serve`, which resolves the
+    model once before it starts its children."""
     if load_format not in LOAD_FORMATS:
         raise ModelSourceError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
     cache_root = Path(download_dir).expanduser() if download_dir else default_cache_dir()
     folder, gguf_path = _locate(model, load_format, download_dir, cache_root)
-    config = load_config(folder)
-    architecture = check_architecture(config, folder)
+    architecture = check_architecture(read_config_json(folder), folder)
     if load_format == "dummy":
-        return ResolvedModel(folder, config, architecture, "dummy")
+        return LocatedModel(folder, architecture, "dummy")
     check_weights(folder)
-    return ResolvedModel(folder, config, architecture, "safetensors", gguf_path)
+    return LocatedModel(folder, architecture, "safetensors", gguf_path)
 
 
 def _locate(

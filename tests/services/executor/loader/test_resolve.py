@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,18 @@ from services.executor.loader.gguf_cache import cached_folder_path
 from services.executor.loader.gguf_convert import MARKER_FILE
 
 from .tiny_gguf import write_tiny_llama_gguf
+
+
+def test_locating_a_converted_model_imports_neither_torch_nor_transformers(smollm2_dir: Path) -> None:
+    """`folio serve` locates the model before starting anything: those imports cost it
+    seconds on every start."""
+    code = ("import sys; from services.executor.loader import locate_model; "
+            "m = locate_model('smollm2-135m-instruct'); "
+            "print(m.path, m.architecture, m.load_format, m.gguf_path is not None, "
+            "'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[4]).stdout.split()
+    assert out == [str(smollm2_dir), "LlamaForCausalLM", "safetensors", "True", "False", "False"]
 
 
 def _stamp(folder: Path) -> list[tuple[str, int, int]]:
