@@ -37,6 +37,7 @@ import redis
 
 from shared.bus import Bus, Malformed, is_outage
 from shared.config import ConfigError, EngineConfig
+from shared.gc_heap import freeze_startup_heap
 from shared.protocol import (
     EngineInfo,
     FinishReason,
@@ -156,6 +157,7 @@ class ExecutorService:
         # Read from the current tail: steps already in the stream were meant for an earlier executor.
         last_id = await bus.stream_tail_id(bus.keys.steps(engine_id))
         info = self.engine_info()
+        freeze_startup_heap()  # the model is loaded: keep full collections off the steps
         await bus.register_rank(info, self.rank_ttl_s)
         log.info("executor %s rank %d registered: %d KV blocks of %d tokens",
                  engine_id, self.tp_rank, info.num_blocks, info.block_size)

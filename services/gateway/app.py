@@ -53,6 +53,7 @@ from services.gateway.state import GatewaySettings, GatewayState
 from services.gateway.tokenizer import load_gateway_tokenizer
 from services.gateway.tracing import GatewayTracer
 from shared.bus import Bus
+from shared.gc_heap import freeze_startup_heap
 from shared.health import stalled_engines
 from shared.protocol import EngineStats
 
@@ -193,6 +194,7 @@ def build_app(settings: GatewaySettings, tokenizer=None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         await client.start()
+        freeze_startup_heap()
         log.info("gateway %s subscribed to %s; serving %s", settings.gateway_id, client.reply_to, model_name)
         try:
             yield

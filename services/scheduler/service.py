@@ -41,6 +41,7 @@ from services.scheduler.resume import carries
 from services.scheduler.scheduler import Scheduler
 from shared.bus import SCHEDULER_GROUP, Bus, Malformed, is_outage
 from shared.config import EngineConfig
+from shared.gc_heap import freeze_startup_heap
 from shared.metric_buckets import Histograms
 from shared.protocol import (
     EngineInfo,
@@ -222,6 +223,7 @@ class SchedulerService:
         )
         self._last_stats = 0.0
         self._last_rescue = 0.0
+        freeze_startup_heap()
         log.info("engine %s ready: %d KV blocks of %d tokens, max_model_len %d, %d tokens per step",
                  self.engine_id, num_blocks, rank0.block_size, max_model_len, budget)
 
