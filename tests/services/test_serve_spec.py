@@ -20,7 +20,7 @@ async def test_streaming_chat_through_the_server_is_exact(smollm2_dir):
     questions = COPY_TASKS[:2] + OPEN_QUESTIONS
     ref = LLM(str(smollm2_dir), dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=40)
-    expected = [ref.chat([{"role": "user", "content": q}], params)[0].text for q in questions]
+    expected = [o.text for o in ref.chat([[{"role": "user", "content": q}] for q in questions], params)]
     del ref
     serve = ServeProcess(
         smollm2_dir,

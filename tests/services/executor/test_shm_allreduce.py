@@ -181,10 +181,9 @@ def test_equals_rank_order_sum_and_gloo_on_every_rank(size):
     assert all(results[r]["digests"] == results[0]["digests"] for r in range(size))
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_back_to_back_calls_never_mix_values(size):
-    results = _run(size, "repeat")
-    for rank in range(size):
+def test_back_to_back_calls_never_mix_values():
+    results = _run(3, "repeat")  # 3 ranks: every rank has more than one peer
+    for rank in range(3):
         assert results[rank]["failures"] == [], f"rank {rank}"
 
 

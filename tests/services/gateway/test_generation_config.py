@@ -34,3 +34,15 @@ def test_defaults_fill_unset_fields_only(client_and_model):
     assert longer.usage.completion_tokens == 8
     text = client.completions.create(model=model, prompt="Once upon a time")
     assert text.usage.completion_tokens == 5
+
+
+def test_defaults_apply_to_responses_too(client_and_model):
+    """The Responses endpoint fills what a request leaves unset the same way."""
+    client, model = client_and_model
+    resp = client.responses.create(model=model, input="Tell me a story about a dragon.")
+    assert resp.usage.output_tokens == 5 and resp.max_output_tokens is None
+    assert resp.temperature == 0.0
+    explicit = client.responses.create(
+        model=model, input="Tell me a story about a dragon.", temperature=0, max_output_tokens=5
+    )
+    assert resp.output_text == explicit.output_text

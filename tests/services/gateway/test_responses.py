@@ -228,24 +228,3 @@ def test_engine_failure_mid_stream_is_response_failed(monkeypatch):
         assert events[-1].response.error.code == "server_error" and events[-1].response.error.message
         # The server goes on serving.
         assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).usage.output_tokens == 2
-
-
-@pytest.mark.slow
-def test_generation_config_defaults_apply(tmp_path):
-    """The model's generation_config.json defaults fill what a response request leaves unset,
-    as on the chat endpoint."""
-    from openai import OpenAI
-
-    from tests.services.gateway.conftest import run_server
-    from tests.tiny_models import write_generation_config
-
-    folder = write_generation_config(tmp_path, temperature=0.0, max_new_tokens=5)
-    with run_server("--generation-config", str(folder)) as srv:
-        client = OpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0, timeout=120)
-        resp = client.responses.create(model=MODEL, input="Tell me a story about a dragon.")
-        assert resp.usage.output_tokens == 5 and resp.max_output_tokens is None
-        assert resp.temperature == 0.0
-        explicit = client.responses.create(
-            model=MODEL, input="Tell me a story about a dragon.", temperature=0, max_output_tokens=5
-        )
-        assert resp.output_text == explicit.output_text
