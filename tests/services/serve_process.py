@@ -42,7 +42,13 @@ class ServeProcess:
                 self.ready.set()
 
     def output(self) -> str:
+        """The last 80 lines, for failure messages."""
         return "".join(self.lines[-80:])
+
+    def everything(self) -> str:
+        """All it printed, for checks of what it said (a killed rank's peer's traceback alone
+        can push a message out of the last 80 lines)."""
+        return "".join(self.lines)
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s

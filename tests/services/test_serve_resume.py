@@ -118,9 +118,9 @@ async def test_streams_survive_killed_scheduler_and_executor(serve, redis_url):
     for kill in (("scheduler", "e0-0"), ("executor", "e0-1")):
         got = await _run(serve, kill)
         assert got == baseline, f"outputs differ after killing the {kill}\n{serve.output()}"
-        assert f"the {kill[0]} of engine {kill[1]} was killed by SIGKILL; restarting" in serve.output()
+        assert f"the {kill[0]} of engine {kill[1]} was killed by SIGKILL; restarting" in serve.everything()
         await _quiet(redis_url)
-    assert "resuming" in serve.output()
+    assert "resuming" in serve.everything()
 
 
 async def test_malformed_message_on_every_stream_is_dead_lettered(serve, redis_url):

@@ -105,7 +105,7 @@ async def test_killed_rank_engine_comes_back_and_streams_complete(tiny_model):
         assert run.result() == baseline  # resumed, every token once
         assert took < 15, serve.output()
         assert 503 in statuses, "no engine was whole, yet /health never said so"
-        assert "the executor (rank 1) was killed by SIGKILL; restarting executors e0" in serve.output()
+        assert "the executor (rank 1) was killed by SIGKILL; restarting executors e0" in serve.everything()
         # Afterwards nothing spins: every process is near idle over a second.
         pids = list(_descendants(serve.proc.pid))
         before = _cpu_seconds(pids)
@@ -135,7 +135,7 @@ async def test_rank_raising_in_one_step_fails_that_step_only(tiny_model):
         reply = await client.completions.create(model=serve.model, prompt="t5 t6", max_tokens=10,
                                                 extra_body={"ignore_eos": True})
         assert reply.usage.completion_tokens == 10
-        assert "restarting" not in serve.output()
+        assert "restarting" not in serve.everything()
         await client.close()
     finally:
         serve.stop()
